@@ -1,0 +1,245 @@
+"""RPOTrainer on a tiny offline Llama: what TRL tests for KTOTrainer, plus two end-to-end checks of the maths."""
+
+import math
+from collections import defaultdict
+
+import pytest
+import torch
+from conftest import conversational, reward_rows
+from datasets import Dataset
+from peft import LoraConfig
+from transformers import AutoModelForCausalLM
+
+from trl_rpo import RPOTrainer
+from trl_rpo.rpo_trainer import DataCollatorForRewardedCompletions
+
+
+def _snapshot(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _assert_all_changed(before: dict, model) -> None:
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            assert not torch.equal(before[name], param), f"{name} did not change"
+
+
+def test_train_full_finetune_changes_every_parameter(model_dir, make_args, reward_dataset):
+    trainer = RPOTrainer(model_dir, args=make_args(), train_dataset=reward_dataset)
+    assert trainer.ref_model is None  # the initial policy served the target pass; no copy is kept
+    before = _snapshot(trainer.model)
+    trainer.train()
+    assert math.isfinite(trainer.state.log_history[-1]["train_loss"])
+    _assert_all_changed(before, trainer.model)
+
+
+def test_lora_moves_only_the_adapter(model_dir, make_args, reward_dataset):
+    peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    trainer = RPOTrainer(model_dir, args=make_args(), train_dataset=reward_dataset, peft_config=peft_config)
+    assert trainer.ref_model is None  # the reference is the base model with the adapter disabled
+    before = _snapshot(trainer.model)
+    trainer.train()
+    for name, param in trainer.model.named_parameters():
+        if "lora_" in name:
+            assert not torch.equal(before[name], param), f"adapter {name} did not move"
+        else:
+            torch.testing.assert_close(before[name], param, rtol=0, atol=0)
+
+
+def test_explicit_ref_model_is_used_and_stays_unchanged(model_dir, make_args, reward_dataset):
+    ref_model = AutoModelForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():  # a reference different from the policy, so using it shows in the stored log-probs
+        for p in ref_model.parameters():
+            p.mul_(0.5)
+    before = _snapshot(ref_model)
+    trainer = RPOTrainer(model_dir, ref_model=ref_model, args=make_args(), train_dataset=reward_dataset)
+    trainer.train()
+    for name, param in ref_model.named_parameters():
+        torch.testing.assert_close(before[name], param, rtol=0, atol=0)
+    logs = trainer.state.log_history[0]
+    assert logs["logps/ref"] != pytest.approx(logs["logps/policy"], abs=1e-3)
+
+
+def test_conversational_data_uses_the_chat_template(model_dir, make_args, tokenizer):
+    dataset = Dataset.from_dict(conversational(reward_rows()))
+    trainer = RPOTrainer(model_dir, args=make_args(), train_dataset=dataset)
+    row = trainer.train_dataset[0]
+    assert tokenizer.decode(row["prompt_ids"]).endswith("<|im_start|>assistant\n")
+    assert tokenizer.decode(row["completion_ids"]) == "0<|im_end|>\n"
+    trainer.train()
+    assert math.isfinite(trainer.state.log_history[-1]["train_loss"])
+
+
+def test_groups_are_tokenised_prompts(model_dir, make_args, reward_dataset):
+    trainer = RPOTrainer(model_dir, args=make_args(), train_dataset=reward_dataset)
+    keys = defaultdict(set)
+    for prompt, key in zip(
+        list(trainer.train_dataset["prompt"]), list(trainer.train_dataset["group_key"]), strict=True
+    ):
+        keys[prompt].add(key)
+    assert len(keys) == 4
+    assert all(len(k) == 1 for k in keys.values())
+    assert len({k for ks in keys.values() for k in ks}) == 4
+
+
+def test_kto_label_format(model_dir, make_args):
+    rows = reward_rows()
+    dataset = Dataset.from_dict(
+        {"prompt": rows["prompt"], "completion": rows["completion"], "label": [r > 0 for r in rows["reward"]]}
+    )
+    trainer = RPOTrainer(model_dir, args=make_args(reward_normalization="none"), train_dataset=dataset)
+    assert list(trainer.train_dataset["reward"]) == [1.0 if r > 0 else 0.0 for r in rows["reward"]]
+    trainer.train()
+
+
+@pytest.mark.parametrize("with_scores", [True, False])
+def test_paired_format_gives_two_rows_per_pair(model_dir, make_args, with_scores):
+    pairs = {"prompt": ["1 + 1 =", "2 + 2 ="], "chosen": [" 2", " 4"], "rejected": [" 3", " 5"]}
+    if with_scores:
+        pairs |= {"score_chosen": [9.0, 7.0], "score_rejected": [2.0, 6.5]}
+    trainer = RPOTrainer(model_dir, args=make_args(), train_dataset=Dataset.from_dict(pairs))
+    data = trainer.train_dataset
+    assert len(data) == 4
+    expected = [9.0, 7.0, 2.0, 6.5] if with_scores else [1.0, 1.0, 0.0, 0.0]
+    assert list(data["reward"]) == expected
+    assert list(data["completion"]) == [" 2<|im_end|>", " 4<|im_end|>", " 3<|im_end|>", " 5<|im_end|>"]
+    trainer.train()
+
+
+def test_implicit_prompt_paired_conversations(model_dir, make_args):
+    def conv(q, a):
+        return [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+
+    pairs = {"chosen": [conv("1+1?", "2"), conv("2+2?", "4")], "rejected": [conv("1+1?", "3"), conv("2+2?", "5")]}
+    trainer = RPOTrainer(model_dir, args=make_args(), train_dataset=Dataset.from_dict(pairs))
+    assert trainer.train_dataset[0]["prompt"] == [{"role": "user", "content": "1+1?"}]
+    assert len(set(trainer.train_dataset["group_key"])) == 2
+
+
+def test_eval_and_several_eval_datasets(model_dir, make_args, reward_dataset):
+    args = make_args(eval_strategy="steps", eval_steps=2)
+    eval_sets = {"data1": reward_dataset, "data2": Dataset.from_dict(reward_rows(num_prompts=2))}
+    trainer = RPOTrainer(model_dir, args=args, train_dataset=reward_dataset, eval_dataset=eval_sets)
+    trainer.train()
+    keys = set().union(*trainer.state.log_history)
+    assert {"eval_data1_loss", "eval_data2_loss", "eval_data1_rewards/accuracies", "eval_data2_residual_rms"} <= keys
+
+
+def test_eval_split_reuses_train_reward_statistics(model_dir, make_args, reward_dataset):
+    doubled = reward_rows()
+    doubled["reward"] = [2 * r for r in doubled["reward"]]
+    args = make_args(partition_estimator="monte_carlo")
+    trainer = RPOTrainer(model_dir, args=args, train_dataset=reward_dataset, eval_dataset=Dataset.from_dict(doubled))
+    # z-scored with the *train* mean m and std s, the eval rewards are z = (2r - m)/s, twice as spread as the train
+    # ones. Monte-Carlo targets ignore the per-prompt shift: t = z/τ - logsumexp(z/τ) + log n.
+    r = torch.tensor(list(reward_dataset["reward"]), dtype=torch.float64)
+    m, s = r.mean(), r.std(unbiased=False)
+    z = ((2 * r - m) / s).view(4, 3) / args.beta
+    expected = z - torch.logsumexp(z, dim=1, keepdim=True) + math.log(3)
+    torch.testing.assert_close(
+        torch.tensor(list(trainer.eval_dataset["target"]), dtype=torch.float64).view(4, 3), expected, rtol=0, atol=1e-9
+    )
+    # Had the eval split been z-scored with its own statistics, its targets would equal the train ones.
+    assert not torch.allclose(
+        torch.tensor(list(trainer.eval_dataset["target"])), torch.tensor(list(trainer.train_dataset["target"]))
+    )
+
+
+@pytest.mark.parametrize("gradient_checkpointing", [True, False])
+def test_gradient_checkpointing(model_dir, make_args, reward_dataset, gradient_checkpointing):
+    args = make_args(gradient_checkpointing=gradient_checkpointing)
+    trainer = RPOTrainer(model_dir, args=args, train_dataset=reward_dataset)
+    before = _snapshot(trainer.model)
+    trainer.train()
+    _assert_all_changed(before, trainer.model)
+
+
+def test_batch_size_one_and_random_sampling(model_dir, make_args, reward_dataset):
+    # KTO needs batches > 1 and a sequential sampler for its KL term; RPO's targets are per row, so neither applies.
+    args = make_args(per_device_train_batch_size=1, train_sampling_strategy="random")
+    trainer = RPOTrainer(model_dir, args=args, train_dataset=reward_dataset)
+    assert "KL_completion_ids" not in trainer.train_dataset.column_names
+    trainer.train()
+
+
+def test_target_cache_is_reused(model_dir, make_args, reward_dataset, monkeypatch):
+    first = RPOTrainer(model_dir, args=make_args(), train_dataset=reward_dataset)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the reference pass ran again instead of reusing the cache")
+
+    monkeypatch.setattr(RPOTrainer, "_reference_pass", fail)
+    second = RPOTrainer(model_dir, args=make_args(beta=2.0), train_dataset=reward_dataset)
+    assert list(second.train_dataset["ref_logps"]) == list(first.train_dataset["ref_logps"])
+    # The cache holds reference log-probs only: new RPO settings give new targets from them.
+    assert list(second.train_dataset["target"]) != list(first.train_dataset["target"])
+
+
+def test_evaluate_on_a_raw_dataset(model_dir, make_args, reward_dataset):
+    trainer = RPOTrainer(model_dir, args=make_args(), train_dataset=reward_dataset)
+    metrics = trainer.evaluate(Dataset.from_dict(reward_rows(num_prompts=2)))
+    assert math.isfinite(metrics["eval_loss"])
+    metrics = trainer.evaluate({"a": reward_dataset, "b": Dataset.from_dict(reward_rows(num_prompts=2))})
+    assert {"eval_a_loss", "eval_b_loss"} <= metrics.keys()
+    trainer.train()
+    with pytest.raises(ValueError, match="after training started"):
+        trainer.evaluate(reward_dataset)
+
+
+def test_evaluate_raw_dataset_after_training_with_lora(model_dir, make_args, reward_dataset):
+    peft_config = LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM")
+    trainer = RPOTrainer(model_dir, args=make_args(), train_dataset=reward_dataset, peft_config=peft_config)
+    trainer.train()
+    assert math.isfinite(trainer.evaluate(reward_dataset)["eval_loss"])
+
+
+SPEC_METRICS = {
+    "loss", "logps/policy", "logps/ref", "log_ratio", "target", "residual_rms", "value", "rewards/implicit",
+    "rewards/accuracies", "kl", "entropy", "num_tokens",
+}  # fmt: skip
+
+
+def test_logged_metrics(model_dir, make_args):
+    # One batch of 12 rows holds every prompt's 3 completions, so within-prompt pairs exist in each step.
+    args = make_args(per_device_train_batch_size=12, eval_strategy="steps", eval_steps=1, max_steps=1)
+    data = Dataset.from_dict(reward_rows())
+    trainer = RPOTrainer(model_dir, args=args, train_dataset=data, eval_dataset=data)
+    trainer.train()
+    train_log, eval_log = trainer.state.log_history[0], trainer.state.log_history[1]
+    assert SPEC_METRICS <= train_log.keys()
+    assert {f"eval_{k}" for k in SPEC_METRICS - {"loss"}} | {"eval_loss"} <= eval_log.keys()
+    assert {
+        "data/train_sparse_prompts",
+        "data/train_sparse_rows",
+        "data/train_rows_dropped_max_length",
+    } <= train_log.keys()
+    assert train_log["kl"] == train_log["log_ratio"] == 0.0  # policy = reference at the first step
+    assert train_log["rewards/implicit"] == pytest.approx(args.beta * train_log["log_ratio"])
+    assert train_log["residual_rms"] == pytest.approx(math.sqrt(2 * train_log["loss"]), rel=1e-5)
+    assert train_log["num_tokens"] == sum(
+        len(r["prompt_ids"]) + len(r["completion_ids"]) for r in trainer.train_dataset
+    )
+
+
+def test_model_card_and_tags(model_dir, make_args, reward_dataset, tmp_path):
+    trainer = RPOTrainer(model_dir, args=make_args(), train_dataset=reward_dataset)
+    assert {"trl", "rpo", "trl-rpo"} <= set(trainer.model.model_tags)
+    trainer.create_model_card(model_name="tiny-rpo")
+    card = (tmp_path / "out" / "README.md").read_text()
+    for expected in ("RPO", "2506.13702", "faye2025rpo", "trl-rpo"):
+        assert expected in card
+
+
+def test_collator_pads_right_and_truncates_before_padding():
+    collator = DataCollatorForRewardedCompletions(pad_token_id=0, max_length=4)
+    batch = collator(
+        [
+            {"prompt_ids": [1, 2], "completion_ids": [3, 4, 5], "target": 0.5, "group_key": 7},
+            {"prompt_ids": [6], "completion_ids": [8], "target": -1.0, "group_key": 9},
+        ]
+    )
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4], [6, 8, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+    assert batch["completion_mask"].tolist() == [[0, 0, 1, 1], [0, 1, 0, 0]]
+    assert batch["target"].tolist() == [0.5, -1.0]
+    assert batch["group_key"].dtype == torch.int64

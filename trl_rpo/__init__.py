@@ -1,0 +1,34 @@
+"""trl_rpo: Reward Partitioning Optimization (Faye, Azzag and Lebbah, arXiv 2506.13702) for Hugging Face TRL.
+
+Not TRL's former `rpo_alpha` (DPO + NLL), NVIDIA's Reward-aware PO or Relative PO.
+"""
+
+__version__ = "0.1.0.dev0"
+
+from .losses import (
+    RewardStats,
+    RPOLossOutput,
+    RPOTargets,
+    normalize_rewards,
+    pairwise_ranking_counts,
+    rpo_loss,
+    rpo_targets,
+    segment_logsumexp,
+)
+from .rpo_config import RPOConfig
+from .rpo_trainer import RPOTrainer
+
+
+__all__ = [
+    "RPOConfig",
+    "RPOLossOutput",
+    "RPOTargets",
+    "RPOTrainer",
+    "RewardStats",
+    "__version__",
+    "normalize_rewards",
+    "pairwise_ranking_counts",
+    "rpo_loss",
+    "rpo_targets",
+    "segment_logsumexp",
+]

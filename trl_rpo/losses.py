@@ -1,0 +1,307 @@
+r"""Pure tensor maths of Reward Partitioning Optimization (RPO; Faye et al., 2025, arXiv:2506.13702).
+
+Glossary: ``x`` a prompt; ``y_j`` the completion of row ``j``; ``r_j`` its (normalised) scalar reward;
+``l_j = log pi_ref(y_j|x)`` and ``p_j = log pi_theta(y_j|x)`` its reference / policy log-probs, already
+aggregated over tokens by the caller (``LOGPS_AGGREGATIONS``); ``tau = beta > 0`` the temperature; ``n_x`` the
+rows of prompt ``x``; ``N`` all rows.
+
+The KL-regularised optimum is ``pi*(y|x) = pi_ref(y|x) exp(r(x, y)/tau) / Z(x)``, so the optimal log-ratio is
+``t(x, y) = (r(x, y) - V(x)) / tau`` with ``V(x) = tau log Z(x)``. The partition function is estimated by
+
+* ``"empirical"``:   ``log Z(x) = logsumexp_{distinct y_j of x} (l_j + r_j / tau)`` -- a duplicated completion
+  enters once, with the mean of its rows' rewards (and of their ref log-probs);
+* ``"monte_carlo"``: ``log Z(x) = logsumexp_{rows j of x} (r_j / tau) - log n_x``, i.e. ``y_j ~ pi_ref``.
+
+The loss regresses the policy log-ratio on that target, ``V`` and ``l`` being constants::
+
+    delta_j = (p_j - l_j) - t_j,        L = 0.5 * mean_j delta_j ** 2
+
+A prompt with fewer than ``min_completions_per_prompt`` completions cannot be normalised (with one completion the
+empirical target is ``-l_j``: it asks ``pi_theta(y_j|x) = 1``). Its rows use the global baseline
+``V_g = tau (logsumexp_{i <= N} (r_i / tau) - log N)``, are dropped, or raise (``sparse_prompt_strategy``).
+
+``beta`` is named like TRL's KL coefficient; here it *is* the temperature ``tau``. The defaults (``beta=5.0``,
+mean-token log-probs, global z-scored rewards with population std, ``"empirical"``) reproduce the authors'
+released code (github.com/b-faye/rpo) on data where each prompt has at least two distinct completions and no
+duplicated one; that code counts a duplicated completion once per row, leaves single-completion prompts
+degenerate and adds ``1e-8`` to the reward std. All partition maths runs in float64 through a max-shifted
+segment logsumexp, so ``exp(l)`` is never formed and extreme log-probs / rewards stay finite.
+"""
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+
+ESTIMATORS = ("empirical", "monte_carlo")
+REWARD_NORMALIZATIONS = ("global", "none", "per_prompt")
+SPARSE_PROMPT_STRATEGIES = ("global_baseline", "drop", "error")
+LOGPS_AGGREGATIONS = ("mean", "sum")
+
+# A std this small relative to the mean is rounding noise of a constant column, not signal.
+_CONSTANT_RTOL = 1e-12
+
+
+class RewardStats(NamedTuple):
+    mean: float
+    scale: float
+    constant: bool
+
+
+class RPOTargets(NamedTuple):
+    targets: Tensor
+    values: Tensor
+    sparse: Tensor
+    keep: Tensor
+    global_value: float
+
+
+class RPOLossOutput(NamedTuple):
+    losses: Tensor
+    log_ratios: Tensor
+    residuals: Tensor
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not supported; choose one of {choices}.")
+
+
+def _first_rows(mask: Tensor, limit: int = 5) -> list[int]:
+    return mask.nonzero().flatten()[:limit].tolist()
+
+
+def _check_finite(name: str, values: Tensor, hint: str) -> None:
+    bad = ~torch.isfinite(values)
+    if bad.any():
+        raise ValueError(f"{int(bad.sum())} row(s) have a non-finite {name} (first rows: {_first_rows(bad)}); {hint}")
+
+
+def segment_logsumexp(values: Tensor, segment_ids: Tensor, num_segments: int) -> Tensor:
+    r"""``out[s] = log sum_{i: seg_i = s} exp(v_i)`` in float64, shifted by each segment's max.
+
+    ``segment_ids`` must be dense in ``[0, num_segments)``; an empty segment gives ``-inf``.
+    """
+    values = values.to(torch.float64)
+    segment_ids = segment_ids.to(values.device)
+    seg_max = torch.full((num_segments,), -math.inf, dtype=torch.float64, device=values.device)
+    seg_max.scatter_reduce_(0, segment_ids, values, reduce="amax", include_self=True)
+    # An all -inf (or empty) segment has no finite shift; 0 keeps exp() at 0 and the result at -inf.
+    shift = torch.where(torch.isfinite(seg_max), seg_max, torch.zeros_like(seg_max))
+    sums = torch.zeros_like(seg_max).index_add_(0, segment_ids, torch.exp(values - shift[segment_ids]))
+    return torch.log(sums) + shift
+
+
+def _is_constant(std: Tensor, mean: Tensor) -> Tensor:
+    return std <= _CONSTANT_RTOL * mean.abs().clamp(min=1.0)
+
+
+def normalize_rewards(
+    rewards: Tensor,
+    group_ids: Tensor | None = None,
+    *,
+    mode: str = "global",
+    stats: RewardStats | None = None,
+) -> tuple[Tensor, RewardStats]:
+    r"""Normalise rewards (float64 out) and return the statistics used.
+
+    ``"global"``: ``(r - mu) / sigma`` with the population std; ``stats`` (e.g. the train split's) replaces the
+    batch statistics. A constant column is centred only (``scale=1``, ``constant=True``) instead of dividing by 0.
+    ``"per_prompt"``: the same z-score inside each group of ``group_ids``; single-row or constant groups are centred
+    only, ``constant`` flags that *every* group was constant. ``"none"``: unchanged. ``stats`` only applies to
+    ``"global"`` (the other modes have nothing to reuse across splits) and is ignored otherwise.
+    """
+    _check_choice("reward_normalization", mode, REWARD_NORMALIZATIONS)
+    r = rewards.detach().to(torch.float64)
+    _check_finite("reward", r, "rewards must be finite numbers.")
+    if mode == "none":
+        return r.clone(), RewardStats(0.0, 1.0, False)
+    if mode == "per_prompt":
+        return _normalize_per_prompt(r, group_ids)
+    if stats is None:
+        stats = _global_stats(r)
+    return (r - stats.mean) / stats.scale, stats
+
+
+def _global_stats(r: Tensor) -> RewardStats:
+    if r.numel() == 0:
+        return RewardStats(0.0, 1.0, True)
+    mean, std = r.mean(), r.std(correction=0)
+    constant = bool(_is_constant(std, mean))
+    return RewardStats(float(mean), 1.0 if constant else float(std), constant)
+
+
+def _normalize_per_prompt(r: Tensor, group_ids: Tensor | None) -> tuple[Tensor, RewardStats]:
+    if group_ids is None:
+        raise ValueError("reward_normalization='per_prompt' needs group_ids (one prompt id per row).")
+    if group_ids.shape != r.shape:
+        raise ValueError(f"group_ids shape {tuple(group_ids.shape)} != rewards shape {tuple(r.shape)}.")
+    _, g = torch.unique(group_ids.to(r.device), return_inverse=True)
+    num = int(g.max()) + 1 if g.numel() else 0
+    counts = torch.zeros(num, dtype=torch.float64, device=r.device).index_add_(0, g, torch.ones_like(r))
+    mean = torch.zeros_like(counts).index_add_(0, g, r) / counts
+    centred = r - mean[g]
+    std = (torch.zeros_like(counts).index_add_(0, g, centred**2) / counts).sqrt()
+    constant = _is_constant(std, mean)
+    scale = torch.where(constant, torch.ones_like(std), std)
+    return centred / scale[g], RewardStats(0.0, 1.0, bool(constant.all()))
+
+
+def _distinct_completions(group: Tensor, completion_ids: Tensor | None) -> tuple[Tensor, int]:
+    """Dense id of each row's distinct (group, completion) pair: completion ids only mean something per prompt."""
+    if completion_ids is None:
+        return torch.arange(group.numel(), device=group.device), group.numel()
+    _, c = torch.unique(completion_ids.to(group.device), return_inverse=True)
+    key = group * (int(c.max()) + 1 if c.numel() else 1) + c
+    _, d = torch.unique(key, return_inverse=True)
+    return d, int(d.max()) + 1 if d.numel() else 0
+
+
+def _segment_mean(values: Tensor, segment_ids: Tensor, num_segments: int) -> Tensor:
+    sums = torch.zeros(num_segments, dtype=torch.float64, device=values.device).index_add_(0, segment_ids, values)
+    counts = torch.zeros_like(sums).index_add_(0, segment_ids, torch.ones_like(values))
+    return sums / counts
+
+
+def _empirical(
+    ref: Tensor, r: Tensor, g: Tensor, num_groups: int, completion_ids: Tensor | None, tau: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-group ``log Z`` over distinct completions, rows' (dedup-mean) rewards and distinct counts per group."""
+    d, num_distinct = _distinct_completions(g, completion_ids)
+    r_d, ref_d = _segment_mean(r, d, num_distinct), _segment_mean(ref, d, num_distinct)
+    group_of_d = torch.zeros(num_distinct, dtype=torch.long, device=g.device).scatter_(0, d, g)
+    log_z = segment_logsumexp(ref_d + r_d / tau, group_of_d, num_groups)
+    return log_z, r_d[d], torch.bincount(group_of_d, minlength=num_groups)
+
+
+def _monte_carlo(r: Tensor, g: Tensor, num_groups: int, tau: float) -> tuple[Tensor, Tensor, Tensor]:
+    counts = torch.bincount(g, minlength=num_groups)
+    log_z = segment_logsumexp(r / tau, g, num_groups) - counts.to(torch.float64).log()
+    return log_z, r, counts
+
+
+def _check_beta(beta: float) -> float:
+    try:
+        tau = float(beta)
+    except (TypeError, ValueError):
+        tau = math.nan
+    if isinstance(beta, bool) or not (math.isfinite(tau) and tau > 0):
+        raise ValueError(f"beta (the RPO temperature tau) must be a finite number > 0, got {beta!r}.")
+    return tau
+
+
+def _validate_inputs(ref_logps: Tensor, rewards: Tensor, group_ids: Tensor, completion_ids: Tensor | None) -> None:
+    tensors = {"ref_logps": ref_logps, "rewards": rewards, "group_ids": group_ids, "completion_ids": completion_ids}
+    shapes = {name: tuple(t.shape) for name, t in tensors.items() if t is not None}
+    if len(set(shapes.values())) != 1 or len(shapes["rewards"]) != 1:
+        raise ValueError(f"RPO inputs must be 1-D tensors of equal length, got shapes {shapes}.")
+    _check_finite(
+        "reference log-prob (-inf/NaN)",
+        ref_logps,
+        "the reference model assigns zero probability to these completions; check the tokenizer / chat template "
+        "and that the reference model matches the policy.",
+    )
+    _check_finite("reward", rewards, "rewards must be finite numbers.")
+
+
+def rpo_targets(
+    ref_logps: Tensor,
+    rewards: Tensor,
+    group_ids: Tensor,
+    completion_ids: Tensor | None = None,
+    *,
+    beta: float = 5.0,
+    estimator: str = "empirical",
+    min_completions_per_prompt: int = 2,
+    sparse_prompt_strategy: str = "global_baseline",
+    global_value: float | None = None,
+) -> RPOTargets:
+    r"""Per-row RPO regression targets ``t_j = (r_j - V(x)) / tau`` (float64, no gradient).
+
+    ``rewards`` must already be normalised. ``completion_ids=None`` makes every row a distinct completion.
+    Prompts with fewer than ``min_completions_per_prompt`` distinct completions (``"empirical"``) or rows
+    (``"monte_carlo"``) are sparse: ``"global_baseline"`` uses ``V_g`` (``global_value`` if given, e.g. the train
+    split's), ``"drop"`` gives them a NaN target and ``keep=False``, ``"error"`` raises.
+    """
+    tau = _check_beta(beta)
+    _validate_inputs(ref_logps, rewards, group_ids, completion_ids)
+    _check_choice("estimator", estimator, ESTIMATORS)
+    _check_choice("sparse_prompt_strategy", sparse_prompt_strategy, SPARSE_PROMPT_STRATEGIES)
+    if isinstance(min_completions_per_prompt, bool) or not isinstance(min_completions_per_prompt, int):
+        raise TypeError(f"min_completions_per_prompt must be an int, got {min_completions_per_prompt!r}.")
+    if global_value is not None and not math.isfinite(global_value):
+        raise ValueError(f"global_value must be finite, got {global_value!r}.")
+    ref, r = ref_logps.detach().to(torch.float64), rewards.detach().to(torch.float64)
+    _, g = torch.unique(group_ids.to(r.device), return_inverse=True)
+    num_groups = int(g.max()) + 1 if g.numel() else 0
+    if estimator == "empirical":
+        log_z, r_row, counts = _empirical(ref, r, g, num_groups, completion_ids, tau)
+    else:
+        log_z, r_row, counts = _monte_carlo(r, g, num_groups, tau)
+    if global_value is None:
+        global_value = _global_value(r, tau)
+    sparse = (counts < min_completions_per_prompt)[g]
+    if sparse.any() and sparse_prompt_strategy == "error":
+        _raise_sparse(sparse, g, min_completions_per_prompt, estimator)
+    # t = r/tau - log Z is (r - V)/tau without a round trip through V = tau log Z.
+    log_value = torch.where(sparse, torch.full_like(r, global_value / tau), log_z[g])
+    targets = r_row / tau - log_value
+    keep = ~sparse if sparse_prompt_strategy == "drop" else torch.ones_like(sparse)
+    values = tau * log_value
+    targets, values = targets.masked_fill(~keep, math.nan), values.masked_fill(~keep, math.nan)
+    return RPOTargets(targets, values, sparse, keep, float(global_value))
+
+
+def _global_value(r: Tensor, tau: float) -> float:
+    """``V_g = tau (logsumexp_i (r_i / tau) - log N)`` over every row: the Monte-Carlo value of one pooled prompt."""
+    if r.numel() == 0:
+        return math.nan
+    return tau * (float(torch.logsumexp(r / tau, dim=0)) - math.log(r.numel()))
+
+
+def _raise_sparse(sparse: Tensor, g: Tensor, min_completions: int, estimator: str) -> None:
+    unit = "distinct completions" if estimator == "empirical" else "rows"
+    num_prompts = int(torch.unique(g[sparse]).numel())
+    raise ValueError(
+        f"{num_prompts} prompt(s) ({int(sparse.sum())} rows; first rows: {_first_rows(sparse)}) have fewer than "
+        f"min_completions_per_prompt={min_completions} {unit}, so their partition function cannot be estimated. "
+        "Add completions for these prompts, lower min_completions_per_prompt, or set "
+        "sparse_prompt_strategy='global_baseline' or 'drop'."
+    )
+
+
+def rpo_loss(policy_logps: Tensor, ref_logps: Tensor, targets: Tensor) -> RPOLossOutput:
+    r"""Per-example ``0.5 * ((p - l) - t) ** 2`` in the dtype of ``policy_logps``; only ``p`` gets a gradient.
+
+    Rows with a NaN (dropped) target get a NaN loss, so forgetting the ``keep`` mask is loud, yet their gradient
+    is exactly 0: ``losses[keep].mean()`` stays finite (a plain ``NaN * 0`` in backward would poison it).
+    """
+    if not (policy_logps.shape == ref_logps.shape == targets.shape):
+        raise ValueError(
+            f"policy_logps, ref_logps and targets must share a shape, got {tuple(policy_logps.shape)}, "
+            f"{tuple(ref_logps.shape)} and {tuple(targets.shape)}."
+        )
+    ref = ref_logps.detach().to(policy_logps)
+    tgt = targets.detach().to(policy_logps)
+    log_ratios = policy_logps - ref
+    dropped = torch.isnan(tgt)
+    residuals = log_ratios - torch.where(dropped, log_ratios.detach(), tgt)
+    losses = torch.where(dropped, torch.full_like(tgt, math.nan), 0.5 * residuals**2)
+    return RPOLossOutput(losses, log_ratios.detach(), residuals.detach().masked_fill(dropped, math.nan))
+
+
+def pairwise_ranking_counts(implicit_rewards: Tensor, rewards: Tensor, group_ids: Tensor) -> tuple[Tensor, Tensor]:
+    r"""``(correct, total)`` over same-group pairs ``i < j`` with ``r_i != r_j``.
+
+    A pair is correct when ``sign(s_i - s_j) = sign(r_i - r_j)`` for the implicit rewards ``s``; a tie in ``s``
+    is wrong. Returns 0-dim float32 tensors (summable across processes before dividing).
+    """
+    s = implicit_rewards.detach()
+    r, g = rewards.detach().to(s.device), group_ids.to(s.device)
+    pairs = torch.ones(r.numel(), r.numel(), dtype=torch.bool, device=s.device).triu(diagonal=1)
+    d_r = r[:, None] - r[None, :]
+    valid = pairs & (g[:, None] == g[None, :]) & (d_r != 0)
+    correct = valid & (torch.sign(s[:, None] - s[None, :]) == torch.sign(d_r))
+    return correct.sum().to(torch.float32), valid.sum().to(torch.float32)

@@ -1,0 +1,180 @@
+import math
+from dataclasses import dataclass, field
+
+from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
+from trl import KTOConfig
+
+from .losses import ESTIMATORS, LOGPS_AGGREGATIONS, REWARD_NORMALIZATIONS, SPARSE_PROMPT_STRATEGIES
+
+
+@dataclass
+class RPOConfig(KTOConfig):
+    r"""
+    Configuration class for the [`RPOTrainer`], which trains with Reward Partitioning Optimization (RPO, Faye, Azzag
+    and Lebbah, [arXiv 2506.13702](https://huggingface.co/papers/2506.13702)).
+
+    This RPO is *not* TRL's former `rpo_alpha` (DPO + NLL), NVIDIA's Reward-aware Preference Optimization or Relative
+    Preference Optimization: it regresses the policy/reference log-ratio onto a target built from a scalar reward and
+    a value V̂(x) estimated from the data itself (no value network, no pairs).
+
+    `RPOConfig` subclasses [`~trl.KTOConfig`], so every KTO option that makes sense for RPO keeps its name, meaning
+    and command-line flag, and a `KTOConfig(...)` call can be turned into `RPOConfig(...)` by renaming the class. KTO
+    options that have no meaning for RPO are rejected with an error instead of being silently ignored. Only the
+    parameters specific to RPO are listed below; see [`~trl.KTOConfig`] and [`~transformers.TrainingArguments`] for
+    the others.
+
+    Parameters:
+        > Parameters that control the RPO objective
+
+        beta (`float`, *optional*, defaults to `5.0`):
+            Temperature τ of the KL-regularised objective: the policy is pulled towards π_ref(y|x)·exp(r/τ). Larger τ
+            keeps the policy closer to the reference. Named `beta` like TRL's KL coefficient so that
+            `KTOConfig(beta=…)` code keeps working. The default 5.0 is the value of the authors' released code.
+        logps_aggregation (`str`, *optional*, defaults to `"mean"`):
+            How token log-probabilities are aggregated into log π(y|x), used identically for the policy, the reference
+            and inside the partition estimate: `"mean"` (mean over completion tokens, what the authors' code does) or
+            `"sum"` (the sequence log-probability of the paper's derivation and of TRL's other trainers).
+        partition_estimator (`str`, *optional*, defaults to `"empirical"`):
+            Estimator of log Z(x): `"empirical"` (the paper's, logsumexp over the distinct completions of the prompt
+            of log π_ref + r/τ) or `"monte_carlo"` (logsumexp of r/τ minus log n; consistent when the completions are
+            samples of the reference policy).
+        reward_normalization (`str`, *optional*, defaults to `"global"`):
+            `"global"`: z-score the rewards with the training split's mean and population standard deviation (as the
+            authors do; evaluation splits reuse the training statistics; a constant reward is centred, not scaled).
+            `"none"`: use the rewards as given. `"per_prompt"`: z-score inside each prompt group — a different method
+            that re-weights prompts, offered for experiments.
+        min_completions_per_prompt (`int`, *optional*, defaults to `2`):
+            Minimum number of distinct completions (rows, for `"monte_carlo"`) a prompt needs for its own V̂(x). With a
+            single completion the empirical target is −log π_ref(y|x) whatever the reward.
+        sparse_prompt_strategy (`str`, *optional*, defaults to `"global_baseline"`):
+            What to do with prompts below `min_completions_per_prompt`: `"global_baseline"` (use V̂_g = τ·log mean
+            exp(r/τ) over all training rows), `"drop"` (remove their rows, counted in the logs) or `"error"`.
+
+        > Parameters inherited from KTOConfig with a different default
+
+        precompute_ref_log_probs (`bool`, *optional*, defaults to `True`):
+            RPO always computes the reference log-probabilities and the targets once per split before training (Ẑ(x)
+            needs every completion of a prompt). Setting it to `False` is an error.
+        train_sampling_strategy (`str`, *optional*, defaults to `"random"`):
+            Targets are stored per row, so batches may mix prompts freely; rows are shuffled like the authors' loader.
+        loss_type (`str`, *optional*, defaults to `"rpo"`):
+            Only `"rpo"`. Kept so that configuration files written for KTO parse.
+
+    > [!NOTE]
+    > On a machine without a bf16-capable accelerator, `bf16` defaults to `False` instead of raising, so the same
+    > script runs on a laptop CPU and on a GPU. Pass `bf16=True` with `use_cpu=True` to use bf16 on CPU.
+    """
+
+    beta: float = field(
+        default=5.0,
+        metadata={
+            "help": "Temperature τ of RPO: the policy is pulled towards π_ref·exp(r/τ); larger τ stays closer to the "
+            "reference. Named `beta` like TRL's KL coefficient. Default 5.0, the authors' value."
+        },
+    )
+    logps_aggregation: str = field(
+        default="mean",
+        metadata={
+            "help": "Aggregation of token log-probs into log π(y|x), used for the policy, the reference and the "
+            "partition: 'mean' (the authors' code) or 'sum' (sequence log-prob, the paper's derivation).",
+            "choices": list(LOGPS_AGGREGATIONS),
+        },
+    )
+    partition_estimator: str = field(
+        default="empirical",
+        metadata={
+            "help": "Estimator of log Z(x): 'empirical' (the paper's, over the prompt's distinct completions) or "
+            "'monte_carlo' (logsumexp(r/τ) − log n, for completions sampled from the reference).",
+            "choices": list(ESTIMATORS),
+        },
+    )
+    reward_normalization: str = field(
+        default="global",
+        metadata={
+            "help": "'global': z-score with the train split's mean and population std (the authors'); 'none'; "
+            "'per_prompt': z-score inside each prompt (a different method).",
+            "choices": list(REWARD_NORMALIZATIONS),
+        },
+    )
+    min_completions_per_prompt: int = field(
+        default=2,
+        metadata={
+            "help": "Minimum number of distinct completions (rows for 'monte_carlo') a prompt needs for its own "
+            "V̂(x); smaller groups follow `sparse_prompt_strategy`."
+        },
+    )
+    sparse_prompt_strategy: str = field(
+        default="global_baseline",
+        metadata={
+            "help": "Prompts with too few completions: 'global_baseline' (V̂ over all training rows), 'drop' (rows "
+            "removed and counted) or 'error'.",
+            "choices": list(SPARSE_PROMPT_STRATEGIES),
+        },
+    )
+    precompute_ref_log_probs: bool = field(
+        default=True,
+        metadata={
+            "help": "Always True for RPO: reference log-probs and targets are computed once per split before training."
+        },
+    )
+    train_sampling_strategy: str = field(
+        default="random",
+        metadata={
+            "help": "Sampler for the training set. Targets are stored per row, so batches may mix prompts.",
+            "choices": ["random", "sequential", "group_by_length"],
+        },
+    )
+    loss_type: str = field(
+        default="rpo",
+        metadata={"help": "Only 'rpo'; kept so that KTO configuration files parse.", "choices": ["rpo"]},
+    )
+
+    def __post_init__(self):
+        self._check_rpo_options()
+        if self.bf16 is None and not self.fp16:
+            # TRL defaults bf16 to True and then fails on CPU; fall back to fp32 where bf16 is not available.
+            self.bf16 = self.use_cpu or is_torch_bf16_gpu_available() or is_torch_xla_available()
+        super().__post_init__()
+
+    def _check_rpo_options(self) -> None:
+        if not (isinstance(self.beta, int | float) and math.isfinite(self.beta) and self.beta > 0):
+            raise ValueError(f"`beta` (the RPO temperature τ) must be a finite number > 0, got {self.beta!r}.")
+        choices = {
+            "logps_aggregation": LOGPS_AGGREGATIONS,
+            "partition_estimator": ESTIMATORS,
+            "reward_normalization": REWARD_NORMALIZATIONS,
+            "sparse_prompt_strategy": SPARSE_PROMPT_STRATEGIES,
+            "loss_type": ("rpo",),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"`{name}` must be one of {list(allowed)}, got {getattr(self, name)!r}.")
+        if not (isinstance(self.min_completions_per_prompt, int) and self.min_completions_per_prompt >= 1):
+            raise ValueError(
+                f"`min_completions_per_prompt` must be an integer ≥ 1, got {self.min_completions_per_prompt!r}."
+            )
+        if not self.precompute_ref_log_probs:
+            raise ValueError(
+                "`precompute_ref_log_probs=False` is not supported: RPO needs every completion of a prompt to "
+                "estimate V̂(x), so reference log-probs and targets are always computed before training. Remove the "
+                "option."
+            )
+        kto_only = {
+            "desirable_weight": 1.0,
+            "undesirable_weight": 1.0,
+            "sync_ref_model": False,
+            "ref_model_mixup_alpha": 0.6,
+            "ref_model_sync_steps": 512,
+        }
+        for name, default in kto_only.items():
+            if getattr(self, name) != default:
+                raise ValueError(
+                    f"`{name}` is a KTO option with no meaning for RPO, got {getattr(self, name)!r}. "
+                    + (
+                        "RPO computes V̂(x) from a frozen reference before training, so the reference cannot be "
+                        "synchronised with the policy. "
+                        if "sync" in name or "mixup" in name
+                        else "RPO weights rows by their reward, not by a desirable/undesirable label. "
+                    )
+                    + f"Remove `{name}` from your configuration."
+                )
