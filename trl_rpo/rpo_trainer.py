@@ -198,8 +198,8 @@ class RPOTrainer(KTOTrainer):
             args = RPOConfig(f"{model_name.split('/')[-1]}-RPO")
         elif not isinstance(args, RPOConfig):
             raise TypeError(
-                f"`args` must be an `RPOConfig`, got `{type(args).__name__}`. Build it with "
-                "`RPOConfig(**your_config.to_dict())` or rename `KTOConfig(...)` to `RPOConfig(...)`."
+                f"`args` must be an `RPOConfig`, got `{type(args).__name__}`: rename `KTOConfig(...)` to "
+                "`RPOConfig(...)` (same arguments; KTO-only ones such as `desirable_weight` are reported)."
             )
         _refuse_iterable(train_dataset, "train")
         for name, split in eval_dataset.items() if isinstance(eval_dataset, dict) else [("eval", eval_dataset)]:
