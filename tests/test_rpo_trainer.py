@@ -243,3 +243,20 @@ def test_collator_pads_right_and_truncates_before_padding():
     assert batch["completion_mask"].tolist() == [[0, 0, 1, 1], [0, 1, 0, 0]]
     assert batch["target"].tolist() == [0.5, -1.0]
     assert batch["group_key"].dtype == torch.int64
+
+
+def test_peft_model_instance_trains_against_a_frozen_copy_of_its_adapter(model_dir, make_args, reward_dataset):
+    from peft import get_peft_model
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    trainer = RPOTrainer(model, args=make_args(), train_dataset=reward_dataset)
+    assert "ref" in trainer.model.peft_config  # KTOTrainer's frozen "ref" adapter serves as π_ref
+    ref_before = {n: p.clone() for n, p in trainer.model.named_parameters() if ".ref." in n}
+    trainer.train()
+    for name, param in trainer.model.named_parameters():
+        if ".ref." in name:
+            torch.testing.assert_close(ref_before[name], param, rtol=0, atol=0)
+    # the stored reference log-probs are the adapted model's, not the bare base model's
+    first = trainer.state.log_history[0]
+    assert first["logps/ref"] == pytest.approx(first["logps/policy"], abs=1e-5)

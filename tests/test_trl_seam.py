@@ -40,7 +40,7 @@ def test_init_still_routes_through_our_hooks():
     assert "self.calculate_KL = calculate_kl" in source
     assert "if self.calculate_KL and args.per_device_train_batch_size <= 1" in source
     # datasets are prepared, then the target pass runs through the reference-log-prob precompute hook
-    assert "self._prepare_dataset(train_dataset, processing_class, args, \"train\")" in source
+    assert 'self._prepare_dataset(train_dataset, processing_class, args, "train")' in source
     assert "self.train_dataset = self._precompute_ref_logps(" in source
     assert "self._precompute_model_hash = hash_module(self.ref_model or self.model)" in source
     assert "self._precompute_engine = None" in source
