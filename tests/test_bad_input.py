@@ -1,4 +1,4 @@
-"""SPEC §3: every bad input raises one ValueError naming the column, the rows and the fix, or is handled and counted."""
+"""SPEC §3: each bad input raises one ValueError naming the column, the rows and the fix, or is counted."""
 
 import logging
 import math

@@ -21,7 +21,7 @@ def _swap_to_rpo(source: str) -> str:
         theirs = [n for n in names if n not in ours]
         return f"{indent}from trl_rpo import {', '.join(ours)}\n{indent}from trl import {', '.join(theirs)}"
 
-    return re.sub(r"^( *)from trl import (.*RPO(?:Config|Trainer).*)$", move_import, source, flags=re.M)
+    return re.sub(r"^( *)from trl import (.*RPO(?:Config|Trainer).*)$", move_import, source, flags=re.MULTILINE)
 
 
 @pytest.mark.slow
@@ -56,7 +56,7 @@ def test_trl_kto_script_with_swapped_class_names_trains_rpo(model_dir, tmp_path)
         "--logging_steps", "1", "--beta", "2.0",
     ]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Training completed" in result.stdout
     assert (out / "model.safetensors").exists()
