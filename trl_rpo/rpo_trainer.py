@@ -433,29 +433,27 @@ class RPOTrainer(KTOTrainer):
         return loss
 
     def _record_metrics(self, mode: str, batch, policy_logps, out, outputs) -> None:
-        gather = self.accelerator.gather_for_metrics
-        policy, ref, target, value = gather((policy_logps, batch["ref_logps"], batch["target"], batch["value"]))
-        log_ratio, residual = gather((out.log_ratios, out.residuals))
+        # One gather of a (rows, 10) table and one of the group keys: two syncs per step, whatever the metric count.
+        mask = batch["completion_mask"][:, 1:]
+        entropy = (outputs.entropy[:, -mask.size(1) :].detach() * mask).sum(-1)
+        columns = [policy_logps, batch["ref_logps"], batch["target"], batch["value"], out.log_ratios, out.residuals]
+        columns += [batch["reward"], entropy, mask.sum(-1), batch["attention_mask"].sum(-1)]
+        table = self.accelerator.gather_for_metrics(torch.stack([c.float() for c in columns], dim=1)).cpu()
+        groups = self.accelerator.gather_for_metrics(batch["group_key"]).cpu()
+        policy, ref, target, value, log_ratio, residual, reward, entropy, completion_tokens, tokens = table.unbind(1)
         metrics = self._metrics[mode]
-        metrics["logps/policy"].append(policy.mean().item())
-        metrics["logps/ref"].append(ref.mean().item())
-        metrics["log_ratio"].append(log_ratio.mean().item())
-        metrics["kl"].append(log_ratio.mean().item())
+        for key, column in [("logps/policy", policy), ("logps/ref", ref), ("log_ratio", log_ratio), ("kl", log_ratio)]:
+            metrics[key].append(column.mean().item())
         metrics["target"].append(target.mean().item())
         metrics["value"].append(value.mean().item())
         metrics["rewards/implicit"].append(self.args.beta * log_ratio.mean().item())
         metrics["_residual_sq"].append(residual.pow(2).mean().item())
-        rewards, groups = gather((batch["reward"], batch["group_key"]))
-        agree, pairs = pairwise_ranking_counts(self.args.beta * log_ratio, rewards, groups)
+        metrics["entropy"].append((entropy.sum() / completion_tokens.sum().clamp(min=1)).item())
+        agree, pairs = pairwise_ranking_counts(log_ratio, reward, groups)  # τ > 0: same order as τ·log-ratio
         self._pair_counts[mode][0] += agree.item()
         self._pair_counts[mode][1] += pairs.item()
-        mask = batch["completion_mask"][:, 1:]
-        seq_len = mask.size(1)
-        entropy_sum = gather((outputs.entropy[:, -seq_len:].detach() * mask).sum()).sum()
-        total_tokens = gather(mask.sum()).sum()
-        metrics["entropy"].append((entropy_sum / total_tokens).item() if total_tokens > 0 else 0.0)
         if mode == "train":
-            self._total_train_tokens += gather(batch["attention_mask"].sum()).sum().item() // self._tp_size
+            self._total_train_tokens += int(tokens.sum().item()) // self._tp_size
         metrics["num_tokens"] = [self._total_train_tokens]
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
