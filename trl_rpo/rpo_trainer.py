@@ -267,10 +267,10 @@ class RPOTrainer(KTOTrainer):
                 **map_kwargs,
             )
             if args.max_length is not None:
-                dataset = self._drop_overlong_prompts(dataset, args.max_length, dataset_name, map_kwargs)
+                dataset = self._drop_overlong_prompts(dataset, args.max_length, dataset_name)
         return dataset
 
-    def _drop_overlong_prompts(self, dataset, max_length, dataset_name, map_kwargs):
+    def _drop_overlong_prompts(self, dataset, max_length, dataset_name):
         # A prompt that fills `max_length` leaves no completion token after truncation: nothing to learn from.
         keep = [len(ids) < max_length for ids in list(dataset["prompt_ids"])]
         dropped = len(keep) - sum(keep)
