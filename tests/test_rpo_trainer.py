@@ -260,3 +260,18 @@ def test_peft_model_instance_trains_against_a_frozen_copy_of_its_adapter(model_d
     # the stored reference log-probs are the adapted model's, not the bare base model's
     first = trainer.state.log_history[0]
     assert first["logps/ref"] == pytest.approx(first["logps/policy"], abs=1e-5)
+
+
+def test_resume_from_checkpoint_reproduces_the_loss_curve(model_dir, make_args, reward_dataset, tmp_path):
+    common = {"max_steps": 6, "learning_rate": 1e-2, "save_strategy": "steps", "save_steps": 3, "seed": 3}
+    full = RPOTrainer(model_dir, args=make_args(**common), train_dataset=reward_dataset)
+    full.train()
+    full_losses = [log["loss"] for log in full.state.log_history if "loss" in log]
+
+    args = make_args(**common, output_dir=str(tmp_path / "resumed"))
+    resumed = RPOTrainer(model_dir, args=args, train_dataset=reward_dataset)
+    assert list(resumed.train_dataset["target"]) == list(full.train_dataset["target"])
+    resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-3"))
+    # the history holds steps 1-3 from the checkpoint, then the steps trained after resuming
+    resumed_losses = {log["step"]: log["loss"] for log in resumed.state.log_history if "loss" in log}
+    assert [resumed_losses[step] for step in (4, 5, 6)] == pytest.approx(full_losses[3:], rel=1e-5)
