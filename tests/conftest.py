@@ -14,12 +14,17 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 torch.set_num_threads(1)
 
 from trl_rpo import RPOConfig  # noqa: E402
-from trl_rpo._tiny import build_tokenizer, save_tiny_causal_lm  # noqa: E402
+from trl_rpo._tiny import build_tokenizer, save_tiny_causal_lm, save_tiny_seq2seq_lm  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory) -> str:
     return save_tiny_causal_lm(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def t5_dir(tmp_path_factory) -> str:
+    return save_tiny_seq2seq_lm(tmp_path_factory.mktemp("tiny-t5"))
 
 
 @pytest.fixture(scope="session")

@@ -6,8 +6,16 @@ every string round-trips), the models are random `transformers` configs. Private
 
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel, PreTrainedTokenizerFast, set_seed
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    LlamaConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+    T5Config,
+    set_seed,
+)
 
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -76,6 +84,52 @@ def save_tiny_causal_lm(output_dir: str | Path, **kwargs) -> str:
     """Build a tiny model and its tokenizer and save both to `output_dir`; return the path (a trainable model id)."""
     tokenizer = build_tokenizer()
     model = build_causal_lm(tokenizer, **kwargs)
+    model.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+    return str(output_dir)
+
+
+def build_t5_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerFast:
+    """A lossless byte-level BPE with T5's specials (`<pad>`=0, `</s>`=1, `<unk>`=2); `</s>` is appended, as T5's."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "</s>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_corpus(), trainer=trainer)
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+def build_seq2seq_lm(tokenizer: PreTrainedTokenizerFast, d_model: int = 32, seed: int = 0) -> PreTrainedModel:
+    """A randomly initialised tiny T5 (Flan-T5's architecture: gated-GELU, untied head)."""
+    set_seed(seed)
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=d_model,
+        d_kv=d_model // 2,
+        d_ff=2 * d_model,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=2,
+        feed_forward_proj="gated-gelu",
+        initializer_factor=0.05,  # T5 initialises the untied head with std 1: huge logits for a tiny model
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+    return AutoModelForSeq2SeqLM.from_config(config)
+
+
+def save_tiny_seq2seq_lm(output_dir: str | Path, **kwargs) -> str:
+    """Build a tiny T5 and its tokenizer and save both to `output_dir`; return the path."""
+    tokenizer = build_t5_tokenizer()
+    model = build_seq2seq_lm(tokenizer, **kwargs)
     model.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
     return str(output_dir)

@@ -1,3 +1,4 @@
+import contextlib
 import hashlib
 import os
 import textwrap
@@ -14,6 +15,7 @@ from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
 from datasets.fingerprint import Hasher
 from torch.utils.data import DataLoader
 from transformers import (
+    AutoConfig,
     AutoProcessor,
     BitsAndBytesConfig,
     DataCollator,
@@ -27,7 +29,14 @@ from transformers.trainer_utils import EvalPrediction
 from trl import KTOTrainer
 from trl.data_utils import _tokenize, common_prefix_length, is_conversational
 from trl.models import prepare_deepspeed
-from trl.trainer.utils import get_config_model_id, global_then_local_main_first, pad
+from trl.models.utils import disable_gradient_checkpointing
+from trl.trainer.utils import (
+    get_config_model_id,
+    global_then_local_main_first,
+    pad,
+    selective_log_softmax_and_entropy,
+    use_adapter,
+)
 
 from .data import to_reward_rows
 from .losses import normalize_rewards, pairwise_ranking_counts, rpo_loss, rpo_targets
@@ -57,8 +66,11 @@ class DataCollatorForRewardedCompletions(DataCollatorMixin):
     Pads tokenised `(prompt, completion)` rows on the right and carries RPO's per-row values as tensors.
 
     Each example holds `prompt_ids` and `completion_ids` and, once targets exist, `ref_logps`, `target`, `value`,
-    `reward` and `group_key`. The output has `input_ids`, `attention_mask`, `completion_mask` (1 on completion
-    tokens), truncated to `max_length` before padding (keeping the start), plus one tensor per per-row value.
+    `reward` and `group_key`. For a causal model the output has `input_ids` (prompt + completion),
+    `attention_mask` and `completion_mask` (1 on completion tokens), truncated to `max_length` before padding
+    (keeping the start). For an encoder-decoder model (`is_encoder_decoder=True`) the prompt alone feeds the encoder
+    (`input_ids`, `attention_mask`) and the completion is the decoder's target (`completion_ids`, padded with the
+    pad token, and `completion_mask`), each truncated to `max_length`. Per-row values become one tensor each.
 
     Example:
 
@@ -74,21 +86,33 @@ class DataCollatorForRewardedCompletions(DataCollatorMixin):
     pad_token_id: int
     max_length: int | None = None
     pad_to_multiple_of: int | None = None
+    is_encoder_decoder: bool = False
     return_tensors: str = "pt"
 
+    def _pad(self, sequences: list[list[int]], value: int) -> torch.Tensor:
+        tensors = [torch.tensor(s[: self.max_length], dtype=torch.int64) for s in sequences]
+        return pad(tensors, padding_value=value, padding_side="right", pad_to_multiple_of=self.pad_to_multiple_of)
+
     def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        sequences, masks = [], []
-        for example in examples:
-            ids = example["prompt_ids"] + example["completion_ids"]
-            mask = [0] * len(example["prompt_ids"]) + [1] * len(example["completion_ids"])
-            sequences.append(torch.tensor(ids[: self.max_length], dtype=torch.int64))
-            masks.append(torch.tensor(mask[: self.max_length], dtype=torch.int64))
-        kwargs = {"padding_side": "right", "pad_to_multiple_of": self.pad_to_multiple_of}
-        output = {
-            "input_ids": pad(sequences, padding_value=self.pad_token_id, **kwargs),
-            "attention_mask": pad([torch.ones_like(s) for s in sequences], padding_value=0, **kwargs),
-            "completion_mask": pad(masks, padding_value=0, **kwargs),
-        }
+        prompts = [e["prompt_ids"] for e in examples]
+        completions = [e["completion_ids"] for e in examples]
+        if self.is_encoder_decoder:
+            output = {
+                "input_ids": self._pad(prompts, self.pad_token_id),
+                "attention_mask": self._pad([[1] * len(p) for p in prompts], 0),
+                "completion_ids": self._pad(completions, self.pad_token_id),
+                "completion_mask": self._pad([[1] * len(c) for c in completions], 0),
+            }
+        else:
+            output = {
+                "input_ids": self._pad([p + c for p, c in zip(prompts, completions, strict=True)], self.pad_token_id),
+                "attention_mask": self._pad(
+                    [[1] * (len(p) + len(c)) for p, c in zip(prompts, completions, strict=True)], 0
+                ),
+                "completion_mask": self._pad(
+                    [[0] * len(p) + [1] * len(c) for p, c in zip(prompts, completions, strict=True)], 0
+                ),
+            }
         for column, dtype in ROW_TENSOR_COLUMNS.items():
             if column in examples[0]:
                 output[column] = torch.tensor([example[column] for example in examples], dtype=dtype)
@@ -206,12 +230,14 @@ class RPOTrainer(KTOTrainer):
             _refuse_iterable(split, name)
         if processing_class is None:
             processing_class = _load_processing_class(model, args)
+        self.is_encoder_decoder = _is_encoder_decoder(model, args)
         if data_collator is None:
             tokenizer = getattr(processing_class, "tokenizer", processing_class)
             data_collator = DataCollatorForRewardedCompletions(
                 pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token is not None else tokenizer.eos_token_id,
                 max_length=args.max_length,
                 pad_to_multiple_of=None if args.pad_to_multiple_of == "auto" else args.pad_to_multiple_of,
+                is_encoder_decoder=self.is_encoder_decoder,
             )
         self._reward_stats = None  # set by the training split's target pass, reused by evaluation splits
         self._global_value = None
@@ -251,7 +277,14 @@ class RPOTrainer(KTOTrainer):
         map_kwargs = {"num_proc": args.dataset_num_proc}
         with global_then_local_main_first():
             dataset = to_reward_rows(dataset, dataset_name)
-            if not is_conversational(dataset[0]):
+            conversational = is_conversational(dataset[0])
+            if conversational and not getattr(self._tokenizer, "chat_template", None):
+                raise ValueError(
+                    f"The {dataset_name} dataset is conversational (message lists) but the tokenizer has no chat "
+                    "template to render them. Set `tokenizer.chat_template` (e.g. one of trl/chat_templates/), or "
+                    "pass plain-string prompts and completions."
+                )
+            if not conversational and not self.is_encoder_decoder:
                 eos = self._tokenizer.eos_token
                 dataset = dataset.map(
                     lambda x: {
@@ -261,12 +294,14 @@ class RPOTrainer(KTOTrainer):
                     **map_kwargs,
                 )
             dataset = dataset.map(
-                _tokenize_row,
+                _tokenize_seq2seq_row if self.is_encoder_decoder else _tokenize_row,
                 fn_kwargs={"processing_class": processing_class},
                 desc=f"Tokenizing {dataset_name} dataset",
                 **map_kwargs,
             )
-            if args.max_length is not None:
+            # An encoder-decoder model truncates prompt and completion separately (the authors' `max_len` for
+            # both), so no row loses its whole completion; a causal model drops rows whose prompt fills the window.
+            if args.max_length is not None and not self.is_encoder_decoder:
                 dataset = self._drop_overlong_prompts(dataset, args.max_length, dataset_name)
         return dataset
 
@@ -393,8 +428,7 @@ class RPOTrainer(KTOTrainer):
         model.eval()  # the reference is evaluated without dropout, whatever `disable_dropout` says
         sums, counts = [], []
         for batch in tqdm(loader, desc=f"Computing reference log-probs for the {name} dataset"):
-            sum_logps, _ = self.compute_ref_log_probs(model, batch)
-            num_tokens = batch["completion_mask"][:, 1:].sum(-1)
+            sum_logps, num_tokens = self._reference_batch_logps(model, batch)
             sum_logps, num_tokens = self.accelerator.gather_for_metrics((sum_logps, num_tokens))
             sums.append(sum_logps.double().cpu())
             counts.append(num_tokens.cpu())
@@ -402,42 +436,66 @@ class RPOTrainer(KTOTrainer):
         return torch.cat(sums), torch.cat(counts).double()
 
     # ---------------------------------------------------------------------------------------- the loss
-    def _policy_logps(self, model, batch: dict[str, torch.Tensor]):
-        model_kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
-        if self.aux_loss_enabled:
-            model_kwargs["output_router_logits"] = True
-        labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
-        outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
-        # Prompt-learning PEFT prepends virtual tokens to the outputs; keep the positions of the real tokens
-        seq_len = batch["input_ids"].size(1) - 1
-        sum_logps = outputs.log_probs[:, -seq_len:].sum(-1)
-        if self.args.logps_aggregation == "sum":
-            return sum_logps, outputs, model_kwargs
-        num_tokens = batch["completion_mask"][:, 1:].sum(-1).clamp(min=1)
-        return sum_logps / num_tokens, outputs, model_kwargs
+    def _completion_logps(self, model, batch: dict[str, torch.Tensor], with_entropy: bool = False):
+        """Per row: summed log-prob of the completion tokens, their count, summed token entropy, model outputs."""
+        if self.is_encoder_decoder:
+            mask = batch["completion_mask"]
+            labels = batch["completion_ids"].masked_fill(mask == 0, -100)  # the model shifts them into its decoder
+            outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels)
+            token_logps, entropy = selective_log_softmax_and_entropy(
+                outputs.logits, batch["completion_ids"], entropy_requires_grad=False, row_mask=mask
+            )
+            token_logps = token_logps * mask
+        else:
+            kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+            if self.aux_loss_enabled and model is not self.ref_model:
+                kwargs["output_router_logits"] = True
+            labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+            outputs = model(**kwargs, labels=labels, fused_lm_head=True)
+            # Position i predicts token i + 1; prompt-learning PEFT prepends virtual tokens, so keep the last ones.
+            mask = batch["completion_mask"][:, 1:]
+            token_logps, entropy = outputs.log_probs[:, -mask.size(1) :], outputs.entropy
+        entropy = (entropy[:, -mask.size(1) :].detach() * mask).sum(-1) if with_entropy else None
+        return token_logps.sum(-1), mask.sum(-1), entropy, outputs
+
+    def _aggregate(self, sum_logps: torch.Tensor, num_tokens: torch.Tensor) -> torch.Tensor:
+        return sum_logps if self.args.logps_aggregation == "sum" else sum_logps / num_tokens.clamp(min=1)
+
+    def _reference_batch_logps(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed reference log-probs and token counts of one batch: no grad, no checkpointing, adapter off."""
+        adapter = contextlib.nullcontext()
+        if self.ref_model is None and is_peft_model(self.model):
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            # a PeftModel passed in got a frozen "ref" copy of its adapter; otherwise the adapter is disabled
+            adapter = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
+        gc_off = disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs)
+        with torch.no_grad(), gc_off, adapter, self.accelerator.autocast():
+            sum_logps, num_tokens, _, _ = self._completion_logps(model, batch)
+        return sum_logps, num_tokens
 
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
         batch = {k: (v.to(self.accelerator.device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
-        policy_logps, outputs, model_kwargs = self._policy_logps(model, batch)
+        sum_logps, num_tokens, entropy, outputs = self._completion_logps(model, batch, with_entropy=True)
+        policy_logps = self._aggregate(sum_logps, num_tokens)
         out = rpo_loss(policy_logps, batch["ref_logps"], batch["target"])
         loss = out.losses.mean()
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(outputs.aux_loss).mean().item())
-        self._record_metrics(mode, batch, policy_logps.detach(), out, outputs)
-        if return_outputs:
+        self._record_metrics(mode, batch, policy_logps.detach(), out, entropy, num_tokens)
+        if return_outputs and not self.is_encoder_decoder:
             with torch.no_grad():  # `compute_metrics` wants logits, which the fused head never builds
-                outputs = model(**model_kwargs)
+                outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        if return_outputs:
             return loss, outputs
         return loss
 
-    def _record_metrics(self, mode: str, batch, policy_logps, out, outputs) -> None:
+    def _record_metrics(self, mode: str, batch, policy_logps, out, entropy, completion_tokens) -> None:
         # One gather of a (rows, 10) table and one of the group keys: two syncs per step, whatever the metric count.
-        mask = batch["completion_mask"][:, 1:]
-        entropy = (outputs.entropy[:, -mask.size(1) :].detach() * mask).sum(-1)
+        tokens = batch["attention_mask"].sum(-1) + (completion_tokens if self.is_encoder_decoder else 0)
         columns = [policy_logps, batch["ref_logps"], batch["target"], batch["value"], out.log_ratios, out.residuals]
-        columns += [batch["reward"], entropy, mask.sum(-1), batch["attention_mask"].sum(-1)]
+        columns += [batch["reward"], entropy, completion_tokens, tokens]
         table = self.accelerator.gather_for_metrics(torch.stack([c.float() for c in columns], dim=1)).cpu()
         groups = self.accelerator.gather_for_metrics(batch["group_key"]).cpu()
         policy, ref, target, value, log_ratio, residual, reward, entropy, completion_tokens, tokens = table.unbind(1)
@@ -509,6 +567,37 @@ def _tokenize_row(example: dict, processing_class) -> dict:
         "group_key": group_key,
         "completion_key": _ids_key(prompt_ids, full_ids[prompt_len:]),
     }
+
+
+def _tokenize_seq2seq_row(example: dict, processing_class) -> dict:
+    """Encoder-decoder rows: the prompt feeds the encoder, the completion plus EOS is the decoder's target."""
+    tokenizer = getattr(processing_class, "tokenizer", processing_class)
+    if is_conversational(example):
+        template_kwargs = {"tools": example.get("tools"), **(example.get("chat_template_kwargs") or {})}
+        prompt_ids = _tokenize(processing_class, example["prompt"], add_generation_prompt=True, **template_kwargs)
+        completion = "".join(message["content"] for message in example["completion"])
+    else:
+        prompt_ids = _tokenize(processing_class, example["prompt"])
+        completion = example["completion"]
+    prompt_ids = prompt_ids["input_ids"]
+    completion_ids = tokenizer(completion)["input_ids"]  # T5's tokenizer appends </s>; others may not
+    if not completion_ids or completion_ids[-1] != tokenizer.eos_token_id:
+        completion_ids = completion_ids + [tokenizer.eos_token_id]
+    return {
+        "prompt_ids": prompt_ids,
+        "completion_ids": completion_ids,
+        "group_key": _ids_key(prompt_ids),
+        "completion_key": _ids_key(prompt_ids, completion_ids),
+    }
+
+
+def _is_encoder_decoder(model, args: RPOConfig) -> bool:
+    if isinstance(model, str):
+        revision = (args.model_init_kwargs or {}).get("revision")
+        config = AutoConfig.from_pretrained(model, revision=revision, trust_remote_code=args.trust_remote_code)
+    else:
+        config = model.config
+    return bool(getattr(config, "is_encoder_decoder", False))
 
 
 def _refuse_iterable(dataset, name: str) -> None:
