@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[dev,quantization]"
+	$(PY) -m pip install --quiet -e ".[dev,quantization,deepspeed]"
 	touch $@
 
 install: $(VENV)/.installed

@@ -1,6 +1,8 @@
 import math
+import os
 from dataclasses import dataclass, field
 
+import torch
 from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
 from trl import KTOConfig
 
@@ -62,7 +64,8 @@ class RPOConfig(KTOConfig):
 
     > [!NOTE]
     > On a machine without a bf16-capable accelerator, `bf16` defaults to `False` instead of raising, so the same
-    > script runs on a laptop CPU and on a GPU. Pass `bf16=True` with `use_cpu=True` to use bf16 on CPU.
+    > script runs on a laptop CPU and on a GPU. Pass `bf16=True` with `use_cpu=True` to use bf16 on CPU. Under
+    > DeepSpeed on a machine without an accelerator, `ddp_backend` defaults to `"gloo"` (DeepSpeed's CPU backend).
     """
 
     beta: float = field(
@@ -134,6 +137,10 @@ class RPOConfig(KTOConfig):
         if self.bf16 is None and not self.fp16:
             # TRL defaults bf16 to True and then fails on CPU; fall back to fp32 where bf16 is not available.
             self.bf16 = self.use_cpu or is_torch_bf16_gpu_available() or is_torch_xla_available()
+        if self.ddp_backend is None and _deepspeed_without_accelerator(self):
+            # accelerate leaves the backend unset on a CPU-only machine, so it counts one process while DeepSpeed
+            # counts all of them and rejects the batch size; gloo is the CPU backend both agree on.
+            self.ddp_backend = "gloo"
         super().__post_init__()
 
     def _check_rpo_options(self) -> None:
@@ -178,3 +185,8 @@ class RPOConfig(KTOConfig):
                     )
                     + f"Remove `{name}` from your configuration."
                 )
+
+
+def _deepspeed_without_accelerator(args: RPOConfig) -> bool:
+    deepspeed = args.deepspeed is not None or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+    return deepspeed and not torch.accelerator.is_available()

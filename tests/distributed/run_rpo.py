@@ -1,0 +1,50 @@
+"""Launched by tests/test_distributed.py under `accelerate launch`: trains RPO on a tiny model and writes, per rank,
+what the test compares (targets, reference log-probs, logged losses) to `<output_dir>/rank<k>.json`."""
+
+import json
+import os
+import sys
+
+import torch
+from accelerate import PartialState
+from datasets import Dataset
+
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
+from conftest import reward_rows  # noqa: E402
+
+from trl_rpo import RPOConfig, RPOTrainer  # noqa: E402
+
+
+def main(model_dir: str, output_dir: str, extra: str) -> None:
+    torch.set_num_threads(1)
+    options = json.loads(extra)
+    args = RPOConfig(
+        output_dir=output_dir,
+        report_to="none",
+        per_device_train_batch_size=options.pop("per_device_train_batch_size", 4),
+        max_steps=options.pop("max_steps", 2),
+        logging_steps=1,
+        learning_rate=1e-2,
+        save_strategy="no",
+        train_sampling_strategy="sequential",
+        disable_tqdm=True,
+        **options,
+    )
+    trainer = RPOTrainer(model_dir, args=args, train_dataset=Dataset.from_dict(reward_rows(num_prompts=4)))
+    record = {
+        "world_size": trainer.accelerator.num_processes,
+        "distributed_type": str(trainer.accelerator.distributed_type),
+        "target": list(trainer.train_dataset["target"]),
+        "ref_logps": list(trainer.train_dataset["ref_logps"]),
+    }
+    trainer.train()
+    record["losses"] = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    trainer.save_model(os.path.join(output_dir, "final"))
+    state = PartialState()
+    with open(os.path.join(output_dir, f"rank{state.process_index}.json"), "w") as f:
+        json.dump(record, f)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:4])
