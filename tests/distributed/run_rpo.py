@@ -11,9 +11,9 @@ from datasets import Dataset
 
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
-from conftest import reward_rows  # noqa: E402
+from conftest import reward_rows
 
-from trl_rpo import RPOConfig, RPOTrainer  # noqa: E402
+from trl_rpo import RPOConfig, RPOTrainer
 
 
 def main(model_dir: str, output_dir: str, extra: str) -> None:
