@@ -275,3 +275,25 @@ def test_resume_from_checkpoint_reproduces_the_loss_curve(model_dir, make_args, 
     # the history holds steps 1-3 from the checkpoint, then the steps trained after resuming
     resumed_losses = {log["step"]: log["loss"] for log in resumed.state.log_history if "loss" in log}
     assert [resumed_losses[step] for step in (4, 5, 6)] == pytest.approx(full_losses[3:], rel=1e-5)
+
+
+def test_gradient_accumulation_gives_the_same_first_update(model_dir, make_args, reward_dataset):
+    """Per-device batch 4 × accumulation 1 and 2 × 2 see the same 4 rows and must take the same first step."""
+    updated = []
+    for batch, accumulation in [(4, 1), (2, 2)]:
+        args = make_args(
+            per_device_train_batch_size=batch,
+            gradient_accumulation_steps=accumulation,
+            max_steps=1,
+            learning_rate=1e-3,
+            train_sampling_strategy="sequential",
+            optim="sgd",  # linear in the gradient, so a wrong scaling would show
+        )
+        trainer = RPOTrainer(model_dir, args=args, train_dataset=reward_dataset)
+        trainer.train()
+        updated.append({n: p.detach().clone() for n, p in trainer.model.named_parameters()})
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    for name, param in base.named_parameters():
+        step_a, step_b = updated[0][name] - param, updated[1][name] - param
+        assert step_a.abs().max() > 0, name
+        torch.testing.assert_close(step_a, step_b, rtol=1e-4, atol=1e-7)
