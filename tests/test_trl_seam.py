@@ -60,3 +60,14 @@ def test_helpers_we_reuse_behave_as_expected(tokenizer):
 
 def test_evaluation_loop_takes_metric_key_prefix():
     assert "metric_key_prefix" in inspect.signature(Trainer.evaluation_loop).parameters
+
+
+def test_cli_helpers_we_reuse():
+    from trl.cli.accelerate_config import resolve_accelerate_config_argument
+    from trl.cli.commands.training import _subtract_subsequence
+
+    assert _subtract_subsequence(["--a", "1", "--n", "2", "--b"], ["--n", "2"]) == ["--a", "1", "--b"]
+    resolved = resolve_accelerate_config_argument(["--accelerate_config", "zero3", "--num_processes", "2"])
+    assert resolved[0] == "--config_file"
+    assert resolved[1].endswith("zero3.yaml")
+    assert resolved[2:] == ["--num_processes", "2"]

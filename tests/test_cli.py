@@ -1,0 +1,152 @@
+"""The `trl-rpo` command (`trl_rpo.cli`): help, an end-to-end run of the tiny CPU recipe, dataset loading and the
+errors it raises before any model work."""
+
+import json
+import os
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from datasets import Dataset, DatasetDict
+
+from trl_rpo.cli import cli, load_rpo_dataset, main, make_parser, rename_rpo_columns
+
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_RECIPE = ROOT / "recipes/tiny/rpo/config_cpu.yaml"
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    cache = str(tmp_path / "hf_datasets_cache")
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "HF_DATASETS_CACHE": cache}
+
+
+def parse(*args: str):
+    return make_parser().parse_args_and_config(args=[*args, "--use_cpu", "true"])
+
+
+def test_help_lists_the_rpo_options(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "trl_rpo", "--help"],
+        capture_output=True, text=True, env=_env(tmp_path), cwd=ROOT, timeout=300, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith("usage: trl-rpo")
+    for option in (
+        "beta",
+        "logps_aggregation",
+        "partition_estimator",
+        "reward_normalization",
+        "min_completions_per_prompt",
+        "sparse_prompt_strategy",
+        "prompt_column",
+        "completion_column",
+        "reward_column",
+        "model_name_or_path",
+        "lora_task_type",
+    ):
+        assert f"--{option}" in result.stdout, option
+    help_text = " ".join(result.stdout.split())  # argparse wraps the help texts
+    assert "Temperature τ of RPO" in help_text
+    assert "renamed to `prompt` before training" in help_text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("processes", [1, 2])
+def test_tiny_recipe_trains_end_to_end(model_dir, tmp_path, processes):
+    rows = [
+        {"instruction": f"{a} + {a} =", "response": f" {a + a + d}", "reward": 1.0 - abs(d), "source": "test"}
+        for a in range(4)
+        for d in (-1, 0, 1)
+    ]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "out"
+    command = [
+        sys.executable, "-m", "trl_rpo", "--config", str(TINY_RECIPE), "--model_name_or_path", model_dir,
+        "--dataset_name", str(data), "--prompt_column", "instruction", "--completion_column", "response",
+        "--output_dir", str(out),
+    ]  # fmt: skip
+    env = _env(tmp_path)
+    if processes == 2:  # relaunch through accelerate: 2 processes over gloo on this CPU-only machine
+        command += ["--accelerate_config", "multi_cpu", "--main_process_port", "29531"]
+        env["ACCELERATE_USE_CPU"] = "true"
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"Training completed on {processes} process(es)" in result.stdout
+    assert (out / "model.safetensors").exists()
+    card = (out / "README.md").read_text()
+    assert "RPO" in card
+    assert "2506.13702" in card
+
+
+@pytest.mark.parametrize("flag", ["--dataset_streaming", "--streaming"])
+def test_streaming_is_refused(flag, tmp_path):
+    args = parse("--dataset_name", "any/dataset", flag, "true", "--output_dir", str(tmp_path))
+    with pytest.raises(ValueError, match="map-style dataset"):
+        main(*args)
+
+
+@pytest.mark.parametrize("module", ["trl_rpo", "trl_rpo.cli"])
+@pytest.mark.filterwarnings("ignore:'trl_rpo.cli' found in sys.modules:RuntimeWarning")  # runpy, after our import
+def test_python_dash_m_runs_the_command(module, tmp_path, monkeypatch):
+    argv = ["trl-rpo", "--dataset_name", "any/dataset", "--dataset_streaming", "true", "--output_dir", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", [*argv, "--use_cpu", "true"])
+    with pytest.raises(ValueError, match="map-style dataset"):
+        runpy.run_module(module, run_name="__main__")
+
+
+def test_entry_point_is_cli():
+    tomllib = pytest.importorskip("tomllib")
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts == {"trl-rpo": "trl_rpo.cli:cli"}
+    with pytest.raises(SystemExit) as info:
+        cli(["--help"])
+    assert info.value.code == 0
+
+
+def test_local_file_is_loaded_and_columns_renamed(tmp_path):
+    script_args, _, _, dataset_args = parse("--config", str(TINY_RECIPE), "--output_dir", str(tmp_path))
+    script_args.dataset_name = str(ROOT / script_args.dataset_name)
+    dataset = load_rpo_dataset(script_args, dataset_args)
+    assert list(dataset) == ["train"]
+    assert dataset["train"].column_names == ["prompt", "completion", "reward"]
+    assert dataset["train"][0] == {"prompt": "0 + 1 =", "completion": " 0", "reward": -0.5}
+
+
+def test_unsupported_local_file_is_refused(tmp_path):
+    path = tmp_path / "rows.txt"
+    path.write_text("0 + 1 = 1\n")
+    script_args, _, _, dataset_args = parse("--dataset_name", str(path), "--output_dir", str(tmp_path))
+    with pytest.raises(ValueError, match=r"\.jsonl"):
+        load_rpo_dataset(script_args, dataset_args)
+
+
+def test_missing_eval_split_is_reported_before_model_work(tmp_path):
+    args = parse(
+        "--config", str(TINY_RECIPE), "--dataset_name", str(ROOT / "recipes/tiny/rpo/data.jsonl"),
+        "--eval_strategy", "steps", "--output_dir", str(tmp_path),
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="no split 'test'.*dataset_test_split"):
+        main(*args)
+
+
+@pytest.mark.parametrize(
+    ("columns", "match"),
+    [
+        ({"prompt": ["q"], "completion": ["a"], "reward": [1.0]}, "no column 'instruction'"),
+        ({"instruction": ["q"], "prompt": ["q"], "completion": ["a"], "reward": [1.0]}, "already has a 'prompt'"),
+    ],
+)
+def test_column_renaming_errors(columns, match, tmp_path):
+    script_args, *_ = parse("--prompt_column", "instruction", "--output_dir", str(tmp_path))
+    with pytest.raises(ValueError, match=match):
+        rename_rpo_columns(DatasetDict({"train": Dataset.from_dict(columns)}), script_args)
+
+
+def test_default_columns_are_left_alone(tmp_path):
+    script_args, *_ = parse("--output_dir", str(tmp_path))
+    dataset = DatasetDict({"train": Dataset.from_dict({"prompt": ["q"], "completion": ["a"], "label": [True]})})
+    assert rename_rpo_columns(dataset, script_args) is dataset  # a KTO `label` dataset needs no `reward` column

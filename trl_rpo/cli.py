@@ -1,0 +1,262 @@
+"""The `trl-rpo` command: RPO training from the command line or a YAML recipe, the way `trl kto` trains KTO.
+
+```bash
+trl-rpo --config recipes/flan-t5-small/rpo/config_full.yaml
+trl-rpo --config recipes/flan-t5-small/rpo/config_full.yaml --learning_rate 5e-5 --output_dir data/my-run
+trl-rpo --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct --dataset_name path/to/rows.jsonl --output_dir qwen-rpo
+trl-rpo --accelerate_config multi_gpu --num_processes 4 --config recipes/flan-t5-large/rpo/config_full.yaml
+accelerate launch --config_file recipes/accelerate_configs/zero3.yaml -m trl_rpo.cli --config ...
+```
+
+The arguments are the fields of [`RPOScriptArguments`], [`RPOConfig`], [`~trl.ModelConfig`] and
+[`~trl.DatasetMixtureConfig`]; `trl-rpo --help` lists them. YAML keys set the defaults, command-line flags override
+them, and an unknown key or flag is an error. `python -m trl_rpo` and `python -m trl_rpo.cli` run the same command.
+"""
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from accelerate.commands.launch import launch_command, launch_command_parser
+from accelerate.logging import get_logger
+from datasets import Dataset, DatasetDict, load_dataset
+from trl import (
+    DatasetMixtureConfig,
+    ModelConfig,
+    ScriptArguments,
+    TrlParser,
+    get_dataset,
+    get_peft_config,
+    get_quantization_config,
+)
+from trl.cli.accelerate_config import resolve_accelerate_config_argument
+from trl.cli.commands.training import _subtract_subsequence
+
+from .rpo_config import RPOConfig
+from .rpo_trainer import RPOTrainer
+
+
+logger = get_logger(__name__)
+
+# `load_dataset` builders for a single local file given as `--dataset_name`.
+FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
+
+
+@dataclass
+class RPOScriptArguments(ScriptArguments):
+    """
+    [`~trl.ScriptArguments`] plus the names of the dataset columns RPO reads.
+
+    `dataset_name` may also be a local folder of data files or a single `.json`/`.jsonl`/`.csv`/`.parquet`/`.arrow`
+    file (loaded as the `dataset_train_split` split). Streaming (`dataset_streaming`) is refused: RPO computes V̂(x)
+    from every completion of a prompt before training, so it needs a map-style dataset.
+
+    Parameters:
+        prompt_column (`str`, *optional*, defaults to `"prompt"`):
+            Dataset column holding the prompt. When it differs from `"prompt"`, it is renamed to `prompt` in every
+            split before training.
+        completion_column (`str`, *optional*, defaults to `"completion"`):
+            Dataset column holding the completion, renamed to `completion` when different.
+        reward_column (`str`, *optional*, defaults to `"reward"`):
+            Dataset column holding the scalar reward, renamed to `reward` when different.
+    """
+
+    prompt_column: str = field(
+        default="prompt",
+        metadata={
+            "help": "Dataset column holding the prompt; renamed to `prompt` before training when different (e.g. "
+            "`instruction` for bilalfaye/ultrafeedback-rpo-split)."
+        },
+    )
+    completion_column: str = field(
+        default="completion",
+        metadata={
+            "help": "Dataset column holding the completion; renamed to `completion` before training when different "
+            "(e.g. `response`)."
+        },
+    )
+    reward_column: str = field(
+        default="reward",
+        metadata={
+            "help": "Dataset column holding the scalar reward; renamed to `reward` before training when different."
+        },
+    )
+
+
+def make_parser(prog: str | None = None) -> TrlParser:
+    """The `trl-rpo` parser, over `RPOScriptArguments`, `RPOConfig`, `ModelConfig` and `DatasetMixtureConfig`."""
+    return TrlParser(
+        (RPOScriptArguments, RPOConfig, ModelConfig, DatasetMixtureConfig),
+        prog=prog or "trl-rpo",
+        allow_abbrev=False,  # a misspelled flag is an error, never a prefix match of another one
+        description="Train a model with Reward Partitioning Optimization (RPO, Faye et al., arXiv 2506.13702) on "
+        "(prompt, completion, reward) rows. Pass a YAML recipe with --config; flags override its keys.",
+    )
+
+
+def _refuse_streaming(script_args: RPOScriptArguments, dataset_args: DatasetMixtureConfig) -> None:
+    option = "dataset_streaming" if script_args.dataset_streaming else "streaming" if dataset_args.streaming else None
+    if option is not None:
+        raise ValueError(
+            f"`{option}` is not supported by RPO: V̂(x) is estimated from every completion of a prompt "
+            "before training, so RPO needs a map-style dataset. Remove the option; `datasets` memory-maps a "
+            "map-style dataset from disk, so a large dataset does not need to fit in memory."
+        )
+
+
+def load_rpo_dataset(script_args: RPOScriptArguments, dataset_args: DatasetMixtureConfig) -> DatasetDict:
+    """
+    Load the dataset as `trl kto` does (a `datasets` mixture wins over `dataset_name`), also accepting a single local
+    data file as `dataset_name`, then rename the configured columns to `prompt` / `completion` / `reward`.
+    """
+    _refuse_streaming(script_args, dataset_args)
+    name = script_args.dataset_name
+    if dataset_args.datasets:
+        if name:
+            logger.warning(
+                "Both `datasets` and `dataset_name` are provided. The `datasets` argument will be used to load the "
+                "dataset and `dataset_name` will be ignored."
+            )
+        dataset = get_dataset(dataset_args)
+    elif name and os.path.isfile(name):
+        suffix = os.path.splitext(name)[1].lower()
+        if suffix not in FILE_BUILDERS:
+            raise ValueError(
+                f"Cannot load the local file {name!r}: expected one of {sorted(FILE_BUILDERS)}. Convert it, or pass "
+                "its folder (or a Hub dataset id) as `dataset_name`."
+            )
+        dataset = load_dataset(FILE_BUILDERS[suffix], data_files={script_args.dataset_train_split: name})
+    elif name:
+        dataset = load_dataset(name, name=script_args.dataset_config)
+    else:
+        raise ValueError("Either `datasets` or `dataset_name` must be provided.")
+    return rename_rpo_columns(dataset, script_args)
+
+
+def rename_rpo_columns(dataset: DatasetDict, script_args: RPOScriptArguments) -> DatasetDict:
+    """Rename `prompt_column` / `completion_column` / `reward_column` to RPO's names in every split."""
+    mapping = {
+        script_args.prompt_column: "prompt",
+        script_args.completion_column: "completion",
+        script_args.reward_column: "reward",
+    }
+    mapping = {source: target for source, target in mapping.items() if source != target}
+    if not mapping:
+        return dataset
+    for split, columns in dataset.column_names.items():
+        for source, target in mapping.items():
+            option = f"{target}_column"
+            if source not in columns:
+                raise ValueError(
+                    f"`{option}={source!r}` but the {split!r} split has no column {source!r} (columns: {columns}). "
+                    f"Set `{option}` to the column that holds the {target}."
+                )
+            if target in columns:
+                raise ValueError(
+                    f"`{option}={source!r}` would rename {source!r} to {target!r}, but the {split!r} split already "
+                    f"has a {target!r} column. Remove one of the two columns, or leave `{option}` at its default."
+                )
+    return dataset.rename_columns(mapping)
+
+
+def _split(dataset: DatasetDict, split: str, option: str) -> Dataset:
+    if split not in dataset:
+        raise ValueError(f"The dataset has no split {split!r} (splits: {list(dataset)}). Set `{option}`.")
+    return dataset[split]
+
+
+def _hub_dataset_id(script_args: RPOScriptArguments, dataset_args: DatasetMixtureConfig) -> str | None:
+    """The Hub id of the training data for the model card, or `None` for local data or a mixture of several."""
+    paths = [d.path for d in dataset_args.datasets] if dataset_args.datasets else [script_args.dataset_name]
+    if len(paths) != 1 or paths[0] is None or os.path.exists(paths[0]):
+        return None
+    return paths[0]
+
+
+def main(
+    script_args: RPOScriptArguments,
+    training_args: RPOConfig,
+    model_args: ModelConfig,
+    dataset_args: DatasetMixtureConfig,
+) -> None:
+    """Train with RPO, save the model (and its model card) to `output_dir`, and push it to the Hub if asked."""
+    model_init_kwargs = {
+        "revision": model_args.model_revision,
+        "trust_remote_code": training_args.trust_remote_code,
+        "attn_implementation": model_args.attn_implementation,
+        "dtype": model_args.dtype,
+    }
+    if training_args.model_init_kwargs is not None:
+        model_init_kwargs.update(training_args.model_init_kwargs)
+    training_args.model_init_kwargs = model_init_kwargs
+
+    # Dataset
+    dataset = load_rpo_dataset(script_args, dataset_args)
+    train_dataset = _split(dataset, script_args.dataset_train_split, "dataset_train_split")
+    eval_dataset = None
+    if training_args.eval_strategy != "no":
+        eval_dataset = _split(dataset, script_args.dataset_test_split, "dataset_test_split")
+
+    # Training
+    trainer = RPOTrainer(
+        model=model_args.model_name_or_path,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        quantization_config=get_quantization_config(model_args),
+        peft_config=get_peft_config(model_args),
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.accelerator.print(f"✅ Training completed on {trainer.accelerator.num_processes} process(es).")
+
+    # Save (with a model card: KTOTrainer writes one only with a checkpoint) and push to the Hub
+    trainer.save_model(training_args.output_dir)
+    hub_id = training_args.hub_model_id
+    model_name = hub_id.split("/")[-1] if hub_id else os.path.basename(os.path.normpath(training_args.output_dir))
+    dataset_id = _hub_dataset_id(script_args, dataset_args)
+    trainer.create_model_card(model_name=model_name, dataset_name=dataset_id)
+    trainer.accelerator.print(f"💾 Model saved to {training_args.output_dir}.")
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name=dataset_id)
+        trainer.accelerator.print(f"🤗 Model pushed to the Hub in https://huggingface.co/{trainer.hub_model_id}.")
+
+    # Finish the trackers and destroy the process group (`Trainer.end`, transformers >= 5.18, which we require).
+    trainer.end()
+
+
+def resolve_accelerate_config(launch_args: list[str]) -> list[str]:
+    """`--accelerate_config NAME|PATH` → `--config_file PATH`: a file, else `recipes/accelerate_configs/NAME.yaml`
+    (from the working directory or this repository), else one of the configs TRL ships under that name."""
+    if "--accelerate_config" in launch_args:
+        index = launch_args.index("--accelerate_config") + 1
+        name = launch_args[index] if index < len(launch_args) else ""
+        for root in (Path.cwd(), Path(__file__).resolve().parents[1]):
+            candidate = root / "recipes" / "accelerate_configs" / f"{name}.yaml"
+            if name and not Path(name).is_file() and candidate.is_file():
+                launch_args = [*launch_args[:index], str(candidate), *launch_args[index + 1 :]]
+                break
+    return resolve_accelerate_config_argument(launch_args)
+
+
+def cli(args: list[str] | None = None) -> None:
+    """Entry point of `trl-rpo`, `python -m trl_rpo` and `python -m trl_rpo.cli`: parse, then [`main`].
+
+    With `--accelerate_config NAME|PATH`, the command relaunches itself through `accelerate launch`, like `trl kto`:
+    the options that are not training options (`--num_processes 8`, `--main_process_port`, …) go to accelerate.
+    """
+    argv = sys.argv[1:] if args is None else list(args)
+    parser = make_parser()
+    if "--accelerate_config" not in argv:
+        main(*parser.parse_args_and_config(argv))
+        return
+    *_, config_remaining, cli_remaining = parser.parse_args_and_config(
+        argv, return_remaining_strings=True, separate_remaining_strings=True
+    )
+    launch_args = resolve_accelerate_config(config_remaining + cli_remaining)
+    script_args = _subtract_subsequence(argv, cli_remaining)
+    launch_command(launch_command_parser().parse_args([*launch_args, "--module", "trl_rpo.cli", *script_args]))
+
+
+if __name__ == "__main__":
+    cli()
