@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from accelerate.commands.launch import launch_command_parser
 from trl import get_peft_config
 
-from trl_rpo.cli import make_parser
+from trl_rpo.cli import make_parser, resolve_accelerate_config
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,6 +40,7 @@ def commands(lines: list[str]) -> list[list[str]]:
     found = []
     for line in lines:
         for span in re.findall(r"`([^`]+)`", line) or [line.lstrip("# ")]:
+            span = re.sub(r"^(?:[A-Z_]+=\S+ )+", "", span)  # environment assignments before the program
             if span.startswith(("trl-rpo ", "accelerate launch ", "python -m ", "python -c ")):
                 found.append(shlex.split(span))
     return found
@@ -190,9 +192,20 @@ def test_commands_parse(tmp_path):
         args = [str(ROOT / token) if token.startswith("recipes/") else token for token in command[1:]]
         if args == ["--help"]:
             continue
-        parse(ROOT / args[1], tmp_path, *args[2:])  # `--config <path>` first, then the overrides
+        if "--accelerate_config" in args:  # split as `trl-rpo` does: training options, then accelerate's
+            *_, config_rest, cli_rest = make_parser().parse_args_and_config(
+                [*args, "--output_dir", str(tmp_path), "--use_cpu", "true"],
+                return_remaining_strings=True,
+                separate_remaining_strings=True,
+            )
+            launch_args = resolve_accelerate_config(config_rest + cli_rest)
+            assert Path(launch_args[1]).is_file(), launch_args
+            launch_command_parser().parse_args([*launch_args, "--module", "trl_rpo.cli"])
+        else:
+            parse(ROOT / args[1], tmp_path, *args[2:])  # `--config <path>` first, then the overrides
         found += 1
-    assert found == 2 * len(RECIPES) + 2  # README table + headers, and the two override examples
+    # README recipe table + headers, the override example, the six accelerate rows and the plain accelerate example
+    assert found == 2 * len(RECIPES) + 1 + 6 + 1
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "recipes/accelerate_configs").glob("*.yaml")), ids=_name)
