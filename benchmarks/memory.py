@@ -9,6 +9,8 @@ table goes to stdout, and the same numbers as JSON to `benchmarks/results/memory
 """
 
 import argparse
+import ctypes
+import gc
 import json
 import os
 import platform
@@ -31,8 +33,18 @@ MB = 1024**2
 
 
 # ------------------------------------------------------------------------------------------- the worker
-def rss_bytes(field: str = "VmRSS") -> int | None:
-    """Current resident memory (Linux), or None where /proc is absent. `RssFile`: its file-backed part."""
+def rss_bytes(field: str = "VmRSS", trim: bool = False) -> int | None:
+    """Current resident memory (Linux), or None where /proc is absent. `RssFile`: its file-backed part.
+
+    `trim`: first collect garbage and hand freed heap pages back to the OS (glibc `malloc_trim`), so that the number
+    is the live memory, not what the allocator happens to keep (which varies with thread contention on a busy box).
+    """
+    if trim:
+        gc.collect()
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
     try:
         with open("/proc/self/status") as f:
             return next(int(line.split()[1]) * 1024 for line in f if line.startswith(f"{field}:"))
@@ -137,7 +149,7 @@ def run_worker(config: str, args) -> dict:
         **kwargs,
     )
     build_s = time.perf_counter() - start
-    after_build = rss_bytes()
+    after_build = rss_bytes(trim=True)
     gpu_after_build = torch.cuda.memory_allocated() if cuda else None
 
     model = trainer.model
@@ -218,7 +230,8 @@ def run_config(config: str, args, model_dir: str) -> dict:
 
 
 def combine(runs: list[dict]) -> dict:
-    """One configuration's repeats: the median of every number (all runs are kept under `runs`)."""
+    """One configuration's repeats: the median of every number, except the step time, which is the quietest run's
+    median step (other processes only ever slow a step down). All runs are kept under `runs`."""
     failed = [r for r in runs if "error" in r]
     if failed:
         return failed[0]
@@ -226,6 +239,8 @@ def combine(runs: list[dict]) -> dict:
     for key, value in runs[0].items():
         if isinstance(value, int | float) and not isinstance(value, bool):
             combined[key] = statistics.median(r[key] for r in runs)
+    steps = [r["median_step_s"] for r in runs if r["median_step_s"] is not None]
+    combined["median_step_s"] = min(steps) if steps else None
     if len(runs) > 1:
         combined["runs"] = runs
     return combined

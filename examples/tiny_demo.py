@@ -39,11 +39,11 @@ def candidate_scores(model, tokenizer, rows) -> tuple[float, float]:
     logps = []
     for prompt, completion in zip(rows["prompt"], rows["completion"], strict=True):
         prompt_len = len(tokenizer(prompt)["input_ids"])
-        ids = torch.tensor([tokenizer(prompt + completion + tokenizer.eos_token)["input_ids"]])
+        ids = torch.tensor([tokenizer(prompt + completion + tokenizer.eos_token)["input_ids"]], device=model.device)
         token_logps = torch.log_softmax(model(ids).logits[0, :-1], -1).gather(1, ids[0, 1:, None]).squeeze(1)
         logps.append(token_logps[prompt_len - 1 :].sum())
     probs = torch.softmax(torch.stack(logps).view(-1, 4), dim=-1)
-    rewards = torch.tensor(rows["reward"]).view(-1, 4)
+    rewards = torch.tensor(rows["reward"], device=probs.device).view(-1, 4)
     return (probs * rewards).sum(-1).mean().item(), probs[rewards == 1.0].mean().item()
 
 

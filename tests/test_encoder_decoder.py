@@ -23,7 +23,7 @@ def _naive_logps(model, tokenizer, prompt: str, completion: str) -> tuple[float,
     labels = torch.tensor([tokenizer(completion)["input_ids"]])
     assert labels[0, -1].item() == tokenizer.eos_token_id
     with torch.no_grad():
-        logits = model(input_ids=prompt_ids, labels=labels).logits[0].double()
+        logits = model(input_ids=prompt_ids.to(model.device), labels=labels.to(model.device)).logits[0].double().cpu()
     token_logps = torch.log_softmax(logits, -1).gather(1, labels[0][:, None]).squeeze(1)
     return token_logps.sum().item(), labels.size(1)
 
@@ -70,8 +70,8 @@ def test_explicit_reference_stays_unchanged(t5_dir, make_args, reward_dataset):
     before = _snapshot(ref_model)
     trainer = RPOTrainer(t5_dir, ref_model=ref_model, args=make_args(), train_dataset=reward_dataset)
     trainer.train()
-    for name, param in ref_model.named_parameters():
-        torch.testing.assert_close(before[name], param, rtol=0, atol=0)
+    for name, param in ref_model.named_parameters():  # on CPU: the trainer moved the reference to the device
+        torch.testing.assert_close(before[name], param.detach().cpu(), rtol=0, atol=0)
 
 
 def test_conversational_prompts_need_a_chat_template(t5_dir, make_args):

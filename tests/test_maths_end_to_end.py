@@ -18,7 +18,7 @@ def _sequence_logps(model, tokenizer, prompt: str, completion: str) -> tuple[flo
     full_ids = tokenizer(prompt + completion + tokenizer.eos_token)["input_ids"]
     assert full_ids[: len(prompt_ids)] == prompt_ids, "test data must tokenise on a clean boundary"
     with torch.no_grad():
-        logits = model(torch.tensor([full_ids])).logits[0].double()
+        logits = model(torch.tensor([full_ids], device=model.device)).logits[0].double().cpu()
     logprobs = torch.log_softmax(logits[:-1], dim=-1)  # position i predicts token i + 1
     targets = torch.tensor(full_ids[1:])
     token_logps = logprobs.gather(1, targets[:, None]).squeeze(1)[len(prompt_ids) - 1 :]

@@ -54,8 +54,8 @@ def test_explicit_ref_model_is_used_and_stays_unchanged(model_dir, make_args, re
     before = _snapshot(ref_model)
     trainer = RPOTrainer(model_dir, ref_model=ref_model, args=make_args(), train_dataset=reward_dataset)
     trainer.train()
-    for name, param in ref_model.named_parameters():
-        torch.testing.assert_close(before[name], param, rtol=0, atol=0)
+    for name, param in ref_model.named_parameters():  # on CPU: the trainer moved the reference to the device
+        torch.testing.assert_close(before[name], param.detach().cpu(), rtol=0, atol=0)
     logs = trainer.state.log_history[0]
     assert logs["logps/ref"] != pytest.approx(logs["logps/policy"], abs=1e-3)
 
@@ -291,7 +291,7 @@ def test_gradient_accumulation_gives_the_same_first_update(model_dir, make_args,
         )
         trainer = RPOTrainer(model_dir, args=args, train_dataset=reward_dataset)
         trainer.train()
-        updated.append({n: p.detach().clone() for n, p in trainer.model.named_parameters()})
+        updated.append({n: p.detach().cpu().clone() for n, p in trainer.model.named_parameters()})
     base = AutoModelForCausalLM.from_pretrained(model_dir)
     for name, param in base.named_parameters():
         step_a, step_b = updated[0][name] - param, updated[1][name] - param

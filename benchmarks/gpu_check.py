@@ -1,0 +1,120 @@
+"""GPU check: bf16 RPO training through `trl-rpo --accelerate_config single_gpu`, with throughput printed.
+
+Builds a randomly initialised ~200M-parameter Llama (no download) and synthetic rewarded rows, then runs the real
+command a user runs. It checks what only an accelerator shows: that `RPOConfig` picks bf16 by itself, that the
+target pass and training run on the device in bf16 with a finite, falling loss, and how fast. Results are printed
+as a table and written to `<output_dir>/gpu_check.json`; `benchmarks/results/` keeps the ones recorded so far.
+
+    python benchmarks/gpu_check.py [--steps 40] [--batch 16] [--output_dir data/gpu-check]
+"""
+
+import argparse
+import json
+import random
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from trl_rpo import RPOConfig  # noqa: E402
+from trl_rpo._tiny import build_tokenizer  # noqa: E402
+
+
+def build_model(output_dir: Path, hidden: int, layers: int) -> str:
+    tokenizer = build_tokenizer()
+    config = LlamaConfig(
+        vocab_size=32_000,  # a realistic LM-head cost; the tokenizer only uses the first ids
+        hidden_size=hidden,
+        intermediate_size=int(hidden * 2.75),
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=max(1, hidden // 256),
+        max_position_embeddings=2048,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    AutoModelForCausalLM.from_config(config).save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+    return str(output_dir)
+
+
+def write_rows(path: Path, prompts: int, completions: int, words: int) -> None:
+    rng = random.Random(0)
+    vocabulary = "the a is of to and what how why answer question good bad yes no sum plus minus equals".split()
+    with path.open("w") as f:
+        for p in range(prompts):
+            prompt = f"Question {p}: " + " ".join(rng.choices(vocabulary, k=words // 3))
+            for _ in range(completions):
+                row = {"prompt": prompt, "completion": " " + " ".join(rng.choices(vocabulary, k=words)),
+                       "reward": rng.gauss(0, 1)}  # fmt: skip
+                f.write(json.dumps(row) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output_dir", default="data/gpu-check")
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--words", type=int, default=150, help="completion length in words (~2 tokens each)")
+    parser.add_argument("--allow_cpu", action="store_true", help="smoke-test the script itself without a GPU")
+    cli = parser.parse_args()
+    out = Path(cli.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if not (torch.cuda.is_available() or cli.allow_cpu):
+        sys.exit("This check needs a CUDA GPU (or --allow_cpu for a smoke test of the script).")
+    card = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    default_bf16 = RPOConfig(str(out / "probe")).bf16
+
+    model_dir = build_model(out / "model", cli.hidden, cli.layers)
+    write_rows(out / "rows.jsonl", prompts=cli.batch * cli.steps // 4 + 4, completions=4, words=cli.words)
+    command = [
+        sys.executable, "-m", "trl_rpo", "--accelerate_config", "single_gpu", "--model_name_or_path", model_dir,
+        "--dataset_name", str(out / "rows.jsonl"), "--output_dir", str(out / "run"), "--max_steps", str(cli.steps),
+        "--per_device_train_batch_size", str(cli.batch), "--learning_rate", "1e-5", "--report_to", "none",
+        "--logging_steps", str(max(1, cli.steps // 8)), "--save_strategy", "no", "--max_length", "1024",
+        "--gradient_checkpointing", "false",
+    ]  # fmt: skip
+    started = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, check=False)
+    wall = time.perf_counter() - started
+    if result.returncode != 0:
+        sys.exit(result.stderr[-5000:])
+    logs = [json.loads(m.replace("'", '"')) for m in re.findall(r"^\{.*\}$", result.stdout, flags=re.MULTILINE)]
+    steps = [log for log in logs if "loss" in log]
+    summary = next(log for log in logs if "train_runtime" in log)
+    runtime = float(summary["train_runtime"])
+    tokens = float(steps[-1]["num_tokens"])
+    record = {
+        "card": card,
+        "torch": torch.__version__,
+        "bf16_by_default": default_bf16,
+        "parameters": sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(model_dir).parameters()),
+        "batch": cli.batch,
+        "steps": cli.steps,
+        "seconds_per_step": runtime / cli.steps,
+        "tokens_per_second": tokens / runtime,
+        "setup_and_target_pass_seconds": wall - runtime,
+        "losses": [float(log["loss"]) for log in steps],
+    }
+    (out / "gpu_check.json").write_text(json.dumps(record, indent=2))
+    print("| card | bf16 default | params | batch | s/step | tokens/s | setup + target pass (s) | loss first → last |")
+    print("|---|---|---|---|---|---|---|---|")
+    print(
+        f"| {card} | {default_bf16} | {record['parameters'] / 1e6:.0f}M | {cli.batch} | "
+        f"{record['seconds_per_step']:.3f} | {record['tokens_per_second']:,.0f} | "
+        f"{record['setup_and_target_pass_seconds']:.1f} | {record['losses'][0]:.3f} → {record['losses'][-1]:.3f} |"
+    )
+
+
+if __name__ == "__main__":
+    main()
