@@ -46,3 +46,13 @@ def test_quantized_lora_trains_only_the_adapter(
     assert math.isfinite(first["loss"])
     # step 1: the adapter starts at zero (LoRA's B = 0), so policy and reference agree
     assert first["logps/policy"] == pytest.approx(first["logps/ref"], abs=1e-3)
+
+
+def test_quantization_through_model_init_kwargs(model_dir, make_args, reward_dataset):
+    """`model_init_kwargs={"quantization_config": ...}` (as a YAML recipe may set it) works the same way."""
+    args = make_args(max_steps=1, model_init_kwargs={"quantization_config": QUANTIZATIONS["4bit"]})
+    peft_config = LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM")
+    trainer = RPOTrainer(model_dir, args=args, train_dataset=reward_dataset, peft_config=peft_config)
+    assert trainer.model.get_base_model().is_loaded_in_4bit
+    trainer.train()
+    assert math.isfinite(trainer.state.log_history[0]["loss"])

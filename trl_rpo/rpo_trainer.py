@@ -335,7 +335,7 @@ class RPOTrainer(KTOTrainer):
             return dataset
         is_train = dataset is self.train_dataset
         sum_logps, num_tokens = self._reference_logps(dataset, name, batch_size)
-        ref_logps = sum_logps if self.args.logps_aggregation == "sum" else sum_logps / num_tokens.clamp(min=1)
+        ref_logps = self._aggregate(sum_logps, num_tokens)
         group_ids = torch.tensor(list(dataset["group_key"]), dtype=torch.int64)
         rewards, stats = normalize_rewards(
             torch.tensor(list(dataset["reward"]), dtype=torch.float64),
