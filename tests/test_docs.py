@@ -1,0 +1,61 @@
+"""Docs that hold: the README's quick start runs, the files its text names exist, the CHANGELOG agrees with the
+package version."""
+
+import re
+from pathlib import Path
+
+from packaging.version import Version
+
+import trl_rpo
+
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def _section(text: str, title: str) -> str:
+    return text.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_quick_start_runs(model_dir, tmp_path, monkeypatch):
+    """Every Python block of the quick start, with the Hub model id swapped for the tiny offline model."""
+    blocks = re.findall(r"```python\n(.*?)```", _section(README, "Quick start"), flags=re.DOTALL)
+    assert blocks
+    monkeypatch.chdir(tmp_path)
+    for block in blocks:
+        model_ids = re.findall(r'model="([^"]+)"', block)
+        assert model_ids, "the quick start should name a model"
+        for model_id in model_ids:
+            block = block.replace(f'"{model_id}"', repr(model_dir))
+        block = block.replace("RPOConfig(", "RPOConfig(report_to='none', max_steps=2, ")
+        namespace = {}
+        exec(compile(block, "README quick start", "exec"), namespace)  # noqa: S102
+        trainer = namespace["trainer"]
+        assert trainer.state.global_step == 2
+        assert len(trainer.train_dataset) == 5
+
+
+def test_paths_named_in_the_readmes_exist():
+    for readme in (ROOT / "README.md", ROOT / "recipes" / "README.md"):
+        spans = re.findall(r"`([^`\s]+)`", readme.read_text())
+        paths = [s for s in spans if re.fullmatch(r"(?:[\w.-]+/)+[\w.-]*\.(?:py|yaml|json|jsonl|md|ipynb)", s)]
+        assert paths, readme
+        for path in paths:
+            relative = path.split("/", 1)[1] if path.startswith("trl/") else path  # TRL's own files
+            candidates = [ROOT / path, ROOT / "recipes" / path, ROOT / "benchmarks" / path]
+            if path.startswith("trl/"):
+                candidates.append(Path(__import__("trl").__file__).parent / relative)
+            assert any(c.exists() for c in candidates), f"{readme.name} names {path}, which does not exist"
+
+
+def test_changelog_agrees_with_the_version():
+    changelog = (ROOT / "CHANGELOG.md").read_text()
+    headings = re.findall(r"^## \[([^\]]+)\]", changelog, flags=re.MULTILINE)
+    version = Version(trl_rpo.__version__)
+    released = [Version(h) for h in headings if h != "Unreleased"]
+    if version.is_devrelease:  # work in progress: listed under [Unreleased], above every release older than it
+        assert headings[0] == "Unreleased"
+        assert all(v < version for v in released)
+    else:
+        assert headings[0] == str(version) or headings[:2] == ["Unreleased", str(version)]
+    assert "keepachangelog.com" in changelog
