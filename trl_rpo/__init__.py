@@ -5,10 +5,14 @@ Not TRL's former `rpo_alpha` (DPO + NLL), NVIDIA's Reward-aware PO or Relative P
 
 __version__ = "0.1.0.dev0"
 
+from .dro_config import DROConfig
+from .dro_trainer import DROTrainer
 from .losses import (
+    DROLossOutput,
     RewardStats,
     RPOLossOutput,
     RPOTargets,
+    dro_loss,
     normalize_rewards,
     pairwise_ranking_counts,
     rpo_loss,
@@ -20,12 +24,16 @@ from .rpo_trainer import RPOTrainer
 
 
 __all__ = [
+    "DROConfig",
+    "DROLossOutput",
+    "DROTrainer",
     "RPOConfig",
     "RPOLossOutput",
     "RPOTargets",
     "RPOTrainer",
     "RewardStats",
     "__version__",
+    "dro_loss",
     "normalize_rewards",
     "pairwise_ranking_counts",
     "rpo_loss",

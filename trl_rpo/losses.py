@@ -26,6 +26,9 @@ released code (github.com/b-faye/rpo) on data where each prompt has at least two
 duplicated one; that code counts a duplicated completion once per row, leaves single-completion prompts
 degenerate and adds ``1e-8`` to the reward std. All partition maths runs in float64 through a max-shifted
 segment logsumexp, so ``exp(l)`` is never formed and extreme log-probs / rewards stay finite.
+
+``dro_loss`` is the objective of the DRO baseline (Richemond et al., 2024, arXiv:2405.19107), which learns
+``V_phi(x)`` instead of estimating it: ``L = 0.5 * mean_j (r_j - V_phi(x_j) - tau (p_j - l_j)) ** 2``.
 """
 
 import math
@@ -59,6 +62,12 @@ class RPOTargets(NamedTuple):
 
 
 class RPOLossOutput(NamedTuple):
+    losses: Tensor
+    log_ratios: Tensor
+    residuals: Tensor
+
+
+class DROLossOutput(NamedTuple):
     losses: Tensor
     log_ratios: Tensor
     residuals: Tensor
@@ -188,7 +197,7 @@ def _check_beta(beta: float) -> float:
     except (TypeError, ValueError):
         tau = math.nan
     if isinstance(beta, bool) or not (math.isfinite(tau) and tau > 0):
-        raise ValueError(f"beta (the RPO temperature tau) must be a finite number > 0, got {beta!r}.")
+        raise ValueError(f"beta (the temperature tau) must be a finite number > 0, got {beta!r}.")
     return tau
 
 
@@ -290,6 +299,31 @@ def rpo_loss(policy_logps: Tensor, ref_logps: Tensor, targets: Tensor) -> RPOLos
     residuals = log_ratios - torch.where(dropped, log_ratios.detach(), tgt)
     losses = torch.where(dropped, torch.full_like(tgt, math.nan), 0.5 * residuals**2)
     return RPOLossOutput(losses, log_ratios.detach(), residuals.detach().masked_fill(dropped, math.nan))
+
+
+def dro_loss(
+    policy_logps: Tensor, ref_logps: Tensor, rewards: Tensor, values: Tensor, *, beta: float
+) -> DROLossOutput:
+    r"""Per-example DRO loss ``0.5 * (r - V - tau * (p - l)) ** 2`` (Richemond et al., 2024, arXiv:2405.19107).
+
+    ``values`` are the learned ``V_phi(x)`` of each row's prompt; ``policy_logps`` and ``values`` get gradients,
+    ``ref_logps`` and ``rewards`` (already normalised) are constants. Averaged over a batch of ``B`` rows, the
+    gradients are ``-tau * delta / B`` for ``p`` and ``-delta / B`` for ``V``, ``delta = r - V - tau * (p - l)``.
+    The population minimiser is ``pi* = pi_ref exp(r / tau) / Z(x)`` with ``V* = tau log Z(x)``. Computed in the
+    wider dtype of ``policy_logps`` and ``values``; the returned log-ratios and residuals ``delta`` are detached.
+    """
+    tau = _check_beta(beta)
+    if not (policy_logps.shape == ref_logps.shape == rewards.shape == values.shape):
+        raise ValueError(
+            "policy_logps, ref_logps, rewards and values must share a shape, got "
+            f"{[tuple(t.shape) for t in (policy_logps, ref_logps, rewards, values)]}."
+        )
+    dtype = torch.promote_types(policy_logps.dtype, values.dtype)
+    policy, v = policy_logps.to(dtype), values.to(dtype)
+    ref, r = ref_logps.detach().to(policy), rewards.detach().to(policy)
+    log_ratios = policy - ref
+    residuals = r - v - tau * log_ratios
+    return DROLossOutput(0.5 * residuals**2, log_ratios.detach(), residuals.detach())
 
 
 def pairwise_ranking_counts(implicit_rewards: Tensor, rewards: Tensor, group_ids: Tensor) -> tuple[Tensor, Tensor]:

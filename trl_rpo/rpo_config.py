@@ -1,6 +1,7 @@
 import math
 import os
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
@@ -67,6 +68,8 @@ class RPOConfig(KTOConfig):
     > script runs on a laptop CPU and on a GPU. Pass `bf16=True` with `use_cpu=True` to use bf16 on CPU. Under
     > DeepSpeed on a machine without an accelerator, `ddp_backend` defaults to `"gloo"` (DeepSpeed's CPU backend).
     """
+
+    _loss_types: ClassVar[tuple[str, ...]] = ("rpo",)  # accepted `loss_type` values; a subclass names its own
 
     beta: float = field(
         default=5.0,
@@ -151,7 +154,7 @@ class RPOConfig(KTOConfig):
             "partition_estimator": ESTIMATORS,
             "reward_normalization": REWARD_NORMALIZATIONS,
             "sparse_prompt_strategy": SPARSE_PROMPT_STRATEGIES,
-            "loss_type": ("rpo",),
+            "loss_type": self._loss_types,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

@@ -4,7 +4,7 @@ import os
 import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import datasets
 import numpy as np
@@ -48,6 +48,7 @@ logger = get_logger(__name__)
 # Columns the collator turns into per-row tensors; everything else the dataset holds is dropped by the Trainer.
 ROW_TENSOR_COLUMNS = {"ref_logps": torch.float32, "target": torch.float32, "value": torch.float32}
 ROW_TENSOR_COLUMNS |= {"reward": torch.float32, "group_key": torch.int64}
+ROW_TENSOR_COLUMNS |= {"reward_z": torch.float32}  # the normalised reward, stored by DROTrainer
 _CACHE_VERSION = "trl_rpo-reference-logps-v1"
 
 
@@ -119,6 +120,15 @@ class DataCollatorForRewardedCompletions(DataCollatorMixin):
         return output
 
 
+class RowMetrics(NamedTuple):
+    """Per-row values of one batch that the trainer logs (`target`, `value`, `log_ratio`, `residual_rms`)."""
+
+    targets: torch.Tensor
+    values: torch.Tensor
+    log_ratios: torch.Tensor
+    residuals: torch.Tensor
+
+
 class RPOTrainer(KTOTrainer):
     """
     Trainer for Reward Partitioning Optimization (RPO), from [Value-Free Policy Optimization via Reward
@@ -184,6 +194,7 @@ class RPOTrainer(KTOTrainer):
 
     _tag_names = ["trl", "rpo", "trl-rpo"]
     _name = "RPO"
+    _precomputed_column = "target"  # a dataset holding this column already went through the target pass
     _paper = {
         "title": "Value-Free Policy Optimization via Reward Partitioning",
         "id": "2506.13702",
@@ -331,7 +342,7 @@ class RPOTrainer(KTOTrainer):
     # ------------------------------------------------------------------------------------- target pass
     def _precompute_ref_logps(self, dataset: Dataset, name: str, batch_size: int) -> Dataset:
         """Attach `ref_logps`, `target` and `value` to every row: one no-grad reference pass, then the maths."""
-        if "target" in dataset.column_names:
+        if self._precomputed_column in dataset.column_names:
             return dataset
         is_train = dataset is self.train_dataset
         sum_logps, num_tokens = self._reference_logps(dataset, name, batch_size)
@@ -347,6 +358,22 @@ class RPOTrainer(KTOTrainer):
             self._reward_stats = stats
             if stats.constant and self.args.reward_normalization == "global":
                 logger.warning("The training rewards are constant: they are centred but not scaled.")
+        return self._attach_row_targets(dataset, name, ref_logps, rewards, group_ids, is_train)
+
+    def _attach_row_targets(
+        self,
+        dataset: Dataset,
+        name: str,
+        ref_logps: torch.Tensor,
+        rewards: torch.Tensor,
+        group_ids: torch.Tensor,
+        is_train: bool,
+    ) -> Dataset:
+        """Add the per-row columns the loss reads, from the aggregated reference log-probs and normalised rewards.
+
+        RPO adds `ref_logps`, `target` and `value` (and drops sparse rows if asked). A subclass with another
+        objective on the same rows overrides this hook and sets `_precomputed_column` to a column it adds.
+        """
         targets = rpo_targets(
             ref_logps,
             rewards,
@@ -478,12 +505,11 @@ class RPOTrainer(KTOTrainer):
         batch = {k: (v.to(self.accelerator.device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
         sum_logps, num_tokens, entropy, outputs = self._completion_logps(model, batch, with_entropy=True)
         policy_logps = self._aggregate(sum_logps, num_tokens)
-        out = rpo_loss(policy_logps, batch["ref_logps"], batch["target"])
-        loss = out.losses.mean()
+        loss, row = self._loss_from_logps(batch, policy_logps, outputs)
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss
             self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(outputs.aux_loss).mean().item())
-        self._record_metrics(mode, batch, policy_logps.detach(), out, entropy, num_tokens)
+        self._record_metrics(mode, batch, policy_logps.detach(), row, entropy, num_tokens)
         if return_outputs and not self.is_encoder_decoder:
             with torch.no_grad():  # `compute_metrics` wants logits, which the fused head never builds
                 outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
@@ -491,10 +517,19 @@ class RPOTrainer(KTOTrainer):
             return loss, outputs
         return loss
 
-    def _record_metrics(self, mode: str, batch, policy_logps, out, entropy, completion_tokens) -> None:
+    def _loss_from_logps(self, batch, policy_logps: torch.Tensor, outputs) -> tuple[torch.Tensor, RowMetrics]:
+        """The batch loss from the aggregated policy log-probs, and the per-row values that `_record_metrics` logs.
+
+        `outputs` is the policy's forward output (unused by RPO). Subclasses override this hook to train another
+        objective on the same rows, reference log-probs and metrics.
+        """
+        out = rpo_loss(policy_logps, batch["ref_logps"], batch["target"])
+        return out.losses.mean(), RowMetrics(batch["target"], batch["value"], out.log_ratios, out.residuals)
+
+    def _record_metrics(self, mode: str, batch, policy_logps, row: RowMetrics, entropy, completion_tokens) -> None:
         # One gather of a (rows, 10) table and one of the group keys: two syncs per step, whatever the metric count.
         tokens = batch["attention_mask"].sum(-1) + (completion_tokens if self.is_encoder_decoder else 0)
-        columns = [policy_logps, batch["ref_logps"], batch["target"], batch["value"], out.log_ratios, out.residuals]
+        columns = [policy_logps, batch["ref_logps"], row.targets, row.values, row.log_ratios, row.residuals]
         columns += [batch["reward"], entropy, completion_tokens, tokens]
         table = self.accelerator.gather_for_metrics(torch.stack([c.float() for c in columns], dim=1)).cpu()
         groups = self.accelerator.gather_for_metrics(batch["group_key"]).cpu()
