@@ -71,3 +71,11 @@ def test_cli_helpers_we_reuse():
     assert resolved[0] == "--config_file"
     assert resolved[1].endswith("zero3.yaml")
     assert resolved[2:] == ["--num_processes", "2"]
+
+
+def test_fused_head_compaction_switch():
+    """RPOTrainer makes the fused head score only labelled positions on CPU through this module-level function."""
+    import trl.trainer.utils as trl_utils
+
+    assert callable(trl_utils._use_triton)
+    assert "compact = _use_triton(hidden_states.device)" in inspect.getsource(trl_utils.add_fused_lm_head)

@@ -9,6 +9,7 @@ from typing import Any, NamedTuple
 import datasets
 import numpy as np
 import torch
+import trl.trainer.utils as trl_utils
 from accelerate.logging import get_logger
 from accelerate.utils import broadcast_object_list, is_peft_model, tqdm
 from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
@@ -478,7 +479,8 @@ class RPOTrainer(KTOTrainer):
             if self.aux_loss_enabled and model is not self.ref_model:
                 kwargs["output_router_logits"] = True
             labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
-            outputs = model(**kwargs, labels=labels, fused_lm_head=True)
+            with _fused_head_scores_labelled_positions_only():
+                outputs = model(**kwargs, labels=labels, fused_lm_head=True)
             # Position i predicts token i + 1; prompt-learning PEFT prepends virtual tokens, so keep the last ones.
             mask = batch["completion_mask"][:, 1:]
             token_logps, entropy = outputs.log_probs[:, -mask.size(1) :], outputs.entropy
@@ -602,6 +604,20 @@ def _tokenize_row(example: dict, processing_class) -> dict:
         "group_key": group_key,
         "completion_key": _ids_key(prompt_ids, full_ids[prompt_len:]),
     }
+
+
+@contextlib.contextmanager
+def _fused_head_scores_labelled_positions_only():
+    """TRL's fused LM head projects only the labelled (completion) positions on CUDA/XPU, but every position on other
+    devices (fixed tile shapes, for Neuron's compiler). On CPU and MPS that multiplies the head's work by
+    sequence/completion length for nothing (3.2x RPO's step time in benchmarks/throughput.py), so it is switched to
+    the labelled positions there; the result is the same, scattered back to the full shape."""
+    original = trl_utils._use_triton
+    trl_utils._use_triton = lambda device: original(device) or device.type in ("cpu", "mps")
+    try:
+        yield
+    finally:
+        trl_utils._use_triton = original
 
 
 def _tokenize_seq2seq_row(example: dict, processing_class) -> dict:
