@@ -40,7 +40,7 @@ def isolated_datasets_cache(tmp_path, monkeypatch):
 
 @pytest.fixture
 def make_args(tmp_path):
-    def make(**kwargs) -> RPOConfig:
+    def make(config_class=RPOConfig, **kwargs) -> RPOConfig:
         defaults = {
             "output_dir": str(tmp_path / "out"),
             "report_to": "none",
@@ -53,7 +53,7 @@ def make_args(tmp_path):
             "disable_tqdm": True,
             "bf16": False,  # the tests check maths to 1e-5; bf16 is checked by benchmarks/gpu_check.py
         }
-        return RPOConfig(**{**defaults, **kwargs})
+        return config_class(**{**defaults, **kwargs})
 
     return make
 

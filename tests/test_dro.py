@@ -137,21 +137,9 @@ def test_config_rejects_options_without_meaning(tmp_path, kwargs, match):
 
 # ------------------------------------------------------------------------------------------- DROTrainer
 @pytest.fixture
-def make_dro_args(tmp_path):
+def make_dro_args(make_args):
     def make(**kwargs) -> DROConfig:
-        defaults = {
-            "output_dir": str(tmp_path / "out"),
-            "report_to": "none",
-            "per_device_train_batch_size": 4,
-            "per_device_eval_batch_size": 4,
-            "max_steps": 3,
-            "logging_steps": 1,
-            "learning_rate": 0.1,
-            "save_strategy": "no",
-            "disable_tqdm": True,
-            "bf16": False,
-        }
-        return DROConfig(**{**defaults, **kwargs})
+        return make_args(config_class=DROConfig, **kwargs)
 
     return make
 

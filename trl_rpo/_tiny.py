@@ -83,10 +83,7 @@ def build_causal_lm(
 def save_tiny_causal_lm(output_dir: str | Path, **kwargs) -> str:
     """Build a tiny model and its tokenizer and save both to `output_dir`; return the path (a trainable model id)."""
     tokenizer = build_tokenizer()
-    model = build_causal_lm(tokenizer, **kwargs)
-    model.save_pretrained(output_dir)
-    tokenizer.save_pretrained(output_dir)
-    return str(output_dir)
+    return _save(build_causal_lm(tokenizer, **kwargs), tokenizer, output_dir)
 
 
 def build_t5_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerFast:
@@ -129,7 +126,10 @@ def build_seq2seq_lm(tokenizer: PreTrainedTokenizerFast, d_model: int = 32, seed
 def save_tiny_seq2seq_lm(output_dir: str | Path, **kwargs) -> str:
     """Build a tiny T5 and its tokenizer and save both to `output_dir`; return the path."""
     tokenizer = build_t5_tokenizer()
-    model = build_seq2seq_lm(tokenizer, **kwargs)
+    return _save(build_seq2seq_lm(tokenizer, **kwargs), tokenizer, output_dir)
+
+
+def _save(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, output_dir: str | Path) -> str:
     model.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
     return str(output_dir)
