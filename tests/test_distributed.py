@@ -73,3 +73,20 @@ def test_deepspeed_on_cpu_matches_one_process(model_dir, single, tmp_path, confi
     assert records[0]["losses"][0] == pytest.approx(single["losses"][0], rel=1e-5)
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "final")
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.slow
+def test_dro_two_processes_match_one_process(model_dir, tmp_path_factory):
+    """DRO's value network is wrapped for DDP: 2 processes × 4 rows take the same two steps as 1 process × 8 rows.
+
+    24 rows, so both steps see the same 8 rows in both runs (no wrap-around of the last, uneven batch)."""
+    options = {"trainer": "dro", "num_prompts": 8}
+    (single,) = _run(model_dir, tmp_path_factory.mktemp("dro1"), per_device_train_batch_size=8, **options)
+    records = _run(
+        model_dir, tmp_path_factory.mktemp("dro2"), config="multi_cpu.yaml", env={"ACCELERATE_USE_CPU": "true"},
+        **options,
+    )  # fmt: skip
+    assert {r["world_size"] for r in records} == {2}
+    _assert_same_targets(records, single)  # the normalised rewards and reference log-probs
+    assert records[0]["losses"][0] == pytest.approx(single["losses"][0], rel=1e-5)
+    assert records[0]["losses"][1] == pytest.approx(single["losses"][1], rel=1e-4)  # after one joint update

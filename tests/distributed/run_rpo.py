@@ -13,13 +13,16 @@ from datasets import Dataset
 sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 from conftest import reward_rows
 
-from trl_rpo import RPOConfig, RPOTrainer
+from trl_rpo import DROConfig, DROTrainer, RPOConfig, RPOTrainer
 
 
 def main(model_dir: str, output_dir: str, extra: str) -> None:
     torch.set_num_threads(1)
     options = json.loads(extra)
-    args = RPOConfig(
+    dro = options.pop("trainer", "rpo") == "dro"
+    num_prompts = options.pop("num_prompts", 4)
+    config_class, trainer_class = (DROConfig, DROTrainer) if dro else (RPOConfig, RPOTrainer)
+    args = config_class(
         output_dir=output_dir,
         report_to="none",
         per_device_train_batch_size=options.pop("per_device_train_batch_size", 4),
@@ -31,11 +34,11 @@ def main(model_dir: str, output_dir: str, extra: str) -> None:
         disable_tqdm=True,
         **options,
     )
-    trainer = RPOTrainer(model_dir, args=args, train_dataset=Dataset.from_dict(reward_rows(num_prompts=4)))
+    trainer = trainer_class(model_dir, args=args, train_dataset=Dataset.from_dict(reward_rows(num_prompts)))
     record = {
         "world_size": trainer.accelerator.num_processes,
         "distributed_type": str(trainer.accelerator.distributed_type),
-        "target": list(trainer.train_dataset["target"]),
+        "target": list(trainer.train_dataset["reward_z" if dro else "target"]),
         "ref_logps": list(trainer.train_dataset["ref_logps"]),
     }
     trainer.train()
