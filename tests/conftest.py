@@ -82,3 +82,12 @@ def conversational(rows: dict[str, list]) -> dict[str, list]:
         "completion": [[{"role": "assistant", "content": c.strip()}] for c in rows["completion"]],
         "reward": rows["reward"],
     }
+
+
+def assert_only_adapter_moved(before: dict, model) -> None:
+    """After training: every LoRA parameter changed, every other parameter is bit-identical to `before`."""
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            assert not torch.equal(before[name], param), f"adapter {name} did not move"
+        else:
+            torch.testing.assert_close(before[name], param, rtol=0, atol=0)

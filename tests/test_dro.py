@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import reward_rows
+from conftest import assert_only_adapter_moved, reward_rows
 from datasets import Dataset
 from peft import LoraConfig
 from safetensors.torch import load_file
@@ -237,11 +237,7 @@ def test_lora_trains_adapter_and_value_head(model_dir, make_dro_args, reward_dat
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     head_before = _head(trainer)
     trainer.train()
-    for name, param in trainer.model.named_parameters():
-        if "lora_" in name:
-            assert not torch.equal(before[name], param), f"adapter {name} did not move"
-        else:
-            torch.testing.assert_close(before[name], param, rtol=0, atol=0)
+    assert_only_adapter_moved(before, trainer.model)
     assert all(p.requires_grad for p in trainer.value_model.head.parameters())
     for name, param in trainer.value_model.head.named_parameters():
         assert not torch.equal(head_before[name], param), f"value head {name} did not change"

@@ -5,7 +5,7 @@ from collections import defaultdict
 
 import pytest
 import torch
-from conftest import conversational, reward_rows
+from conftest import assert_only_adapter_moved, conversational, reward_rows
 from datasets import Dataset
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM
@@ -39,11 +39,7 @@ def test_lora_moves_only_the_adapter(model_dir, make_args, reward_dataset):
     assert trainer.ref_model is None  # the reference is the base model with the adapter disabled
     before = _snapshot(trainer.model)
     trainer.train()
-    for name, param in trainer.model.named_parameters():
-        if "lora_" in name:
-            assert not torch.equal(before[name], param), f"adapter {name} did not move"
-        else:
-            torch.testing.assert_close(before[name], param, rtol=0, atol=0)
+    assert_only_adapter_moved(before, trainer.model)
 
 
 def test_explicit_ref_model_is_used_and_stays_unchanged(model_dir, make_args, reward_dataset):

@@ -39,18 +39,24 @@ def _corpus() -> list[str]:
     return lines
 
 
-def build_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerFast:
-    """A lossless byte-level BPE tokenizer with ChatML specials; `<|im_end|>` is EOS, `<|endoftext|>` pads."""
+def _train_byte_level_bpe(vocab_size: int, special_tokens: list[str]) -> Tokenizer:
+    """A byte-level BPE with the full 256-byte alphabet (so every string round-trips), trained on `_corpus()`."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tokenizer.train_from_iterator(_corpus(), trainer=trainer)
+    return tokenizer
+
+
+def build_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerFast:
+    """A lossless byte-level BPE tokenizer with ChatML specials; `<|im_end|>` is EOS, `<|endoftext|>` pads."""
+    tokenizer = _train_byte_level_bpe(vocab_size, SPECIAL_TOKENS)
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         eos_token="<|im_end|>",
@@ -88,16 +94,7 @@ def save_tiny_causal_lm(output_dir: str | Path, **kwargs) -> str:
 
 def build_t5_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerFast:
     """A lossless byte-level BPE with T5's specials (`<pad>`=0, `</s>`=1, `<unk>`=2); `</s>` is appended, as T5's."""
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<pad>", "</s>", "<unk>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(_corpus(), trainer=trainer)
+    tokenizer = _train_byte_level_bpe(vocab_size, ["<pad>", "</s>", "<unk>"])
     tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
 

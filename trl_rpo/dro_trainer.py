@@ -88,19 +88,13 @@ class DROTrainer(RPOTrainer):
                 eprint       = {arXiv:2405.19107},
             }"""),
     }
+    _config_class = DROConfig
     _precomputed_column = "reward_z"
 
     def __init__(self, model, ref_model=None, args: DROConfig | None = None, *positional, **kwargs):
-        if args is None:
-            model_name = model if isinstance(model, str) else get_config_model_id(model.config)
-            args = DROConfig(f"{model_name.split('/')[-1]}-DRO")
-        elif not isinstance(args, DROConfig):
-            raise TypeError(
-                f"`args` must be a `DROConfig`, got `{type(args).__name__}`: rename `RPOConfig(...)` or "
-                "`KTOConfig(...)` to `DROConfig(...)`."
-            )
         self._hidden_states = None
-        super().__init__(model, ref_model, args, *positional, **kwargs)
+        super().__init__(model, ref_model, args, *positional, **kwargs)  # checks `args` against `_config_class`
+        args = self.args
         self.value_model = self._build_value_model(model).to(self.accelerator.device)
         if args.disable_dropout:
             disable_dropout_in_model(self.value_model)

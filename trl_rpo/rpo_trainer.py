@@ -195,6 +195,7 @@ class RPOTrainer(KTOTrainer):
 
     _tag_names = ["trl", "rpo", "trl-rpo"]
     _name = "RPO"
+    _config_class = RPOConfig  # the configuration class `args` must be (and the default's)
     _precomputed_column = "target"  # a dataset holding this column already went through the target pass
     _paper = {
         "title": "Value-Free Policy Optimization via Reward Partitioning",
@@ -229,13 +230,14 @@ class RPOTrainer(KTOTrainer):
         quantization_config: "BitsAndBytesConfig | None" = None,
         peft_config: "PeftConfig | None" = None,  # noqa: F821
     ):
+        config_class = self._config_class
         if args is None:
             model_name = model if isinstance(model, str) else get_config_model_id(model.config)
-            args = RPOConfig(f"{model_name.split('/')[-1]}-RPO")
-        elif not isinstance(args, RPOConfig):
+            args = config_class(f"{model_name.split('/')[-1]}-{self._name}")
+        elif not isinstance(args, config_class):
             raise TypeError(
-                f"`args` must be an `RPOConfig`, got `{type(args).__name__}`: rename `KTOConfig(...)` to "
-                "`RPOConfig(...)` (same arguments; KTO-only ones such as `desirable_weight` are reported)."
+                f"`args` must be a `{config_class.__name__}`, got `{type(args).__name__}`: rename `KTOConfig(...)` "
+                f"to `{config_class.__name__}(...)` (same arguments; options without meaning here are reported)."
             )
         _refuse_iterable(train_dataset, "train")
         for name, split in eval_dataset.items() if isinstance(eval_dataset, dict) else [("eval", eval_dataset)]:
