@@ -1,6 +1,7 @@
-"""The throughput benchmark runs end to end (`--quick`) and writes a consistent JSON. No timing is asserted here:
-the speed goals are the benchmark's business, not the tests'."""
+"""The benchmarks run end to end (`--quick`) and write consistent JSON; the known-optimum study's measurements are
+exact on hand-made distributions. No timing is asserted here: the speed goals are the benchmarks' business."""
 
+import importlib.util
 import json
 import math
 import os
@@ -8,8 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "throughput.py"
+OPTIMUM = SCRIPT.parent / "optimum.py"
 METHODS = {"floor", "rpo", "kto", "kto_precomputed", "sft"}
 
 
@@ -44,3 +49,66 @@ def test_throughput_quick(tmp_path):
         target_pass["rpo_target_pass"]["s_median"] / target_pass["no_grad_forward_completion_head"]["s_median"],
     )
     assert result["partition"]["rpo_targets_s_median"] > 0
+
+
+def _load_optimum():
+    spec = importlib.util.spec_from_file_location("optimum", OPTIMUM)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_optimum_distances_are_exact_on_known_distributions():
+    optimum = _load_optimum()
+    ref_logps = torch.log(torch.tensor([[0.5, 0.25, 0.125], [0.2, 0.2, 0.1]], dtype=torch.float64))
+    rewards = torch.tensor([[0.0, 1.0, -1.0], [2.0, 0.0, 0.0]], dtype=torch.float64)
+    task = {"ref_logps": ref_logps, "rewards": rewards}
+    star = optimum.optimum(ref_logps, rewards, tau=0.5)
+    # π* itself, with 0.4 of its mass left outside the candidates: distance 0, reward E_π*[r], mass 0.6
+    at_optimum = optimum.distances(star.log() + math.log(0.6), task, tau=0.5)
+    assert at_optimum["tv_to_optimum"] == pytest.approx(0.0, abs=1e-12)
+    assert at_optimum["kl_to_optimum"] == pytest.approx(0.0, abs=1e-12)
+    assert at_optimum["candidate_mass"] == pytest.approx(0.6)
+    assert at_optimum["expected_reward"] == pytest.approx((star * rewards).sum(-1).mean().item())
+    # the reference: KL to itself 0; prompt 0 renormalised is (4, 2, 1)/7, so E[r] = (2 - 1)/7 there
+    at_reference = optimum.distances(ref_logps, task, tau=0.5)
+    assert at_reference["kl_to_ref"] == pytest.approx(0.0, abs=1e-12)
+    assert at_reference["expected_reward"] == pytest.approx((1 / 7 + 2 * 0.4) / 2)
+    assert at_reference["candidate_mass"] == pytest.approx((0.875 + 0.5) / 2)
+    # hand-computed π* of prompt 1 at τ = 0.5: weights (0.4 e^4, 0.4, 0.2)
+    weights = torch.tensor([0.4 * math.exp(4), 0.4, 0.2], dtype=torch.float64)
+    torch.testing.assert_close(star[1], weights / weights.sum())
+
+
+def test_optimum_quick(tmp_path):
+    output = tmp_path / "optimum.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "HF_DATASETS_CACHE": str(tmp_path / "hf")}
+    subprocess.run(
+        [sys.executable, str(OPTIMUM), "--quick", "--output", str(output)],
+        check=True,
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        timeout=300,
+    )
+    result = json.loads(output.read_text())
+    runs = result["runs"]
+    assert {(r["task"], r["method"]) for r in runs} == {
+        (task, method) for task in ("full", "sparse", "sampled") for method in ("rpo_empirical_sum", "kto")
+    }
+    prompts, candidates = result["settings"]["prompts"], result["settings"]["candidates"]
+    rows = {r["task"]: r["rows"] for r in runs}
+    assert rows["full"] == rows["sampled"] == prompts * candidates
+    assert prompts <= rows["sparse"] < prompts * candidates
+    for run in runs:
+        steps = [point["step"] for point in run["curve"]]
+        assert steps == [0, 2, 4]  # --quick: 4 steps, measured every 2
+        assert len(run["loss"]) == 4
+        assert all(map(math.isfinite, run["loss"]))
+        # both methods start from the same reference, so step 0 is the same measurement
+        assert run["curve"][0] == next(r for r in runs if r["task"] == run["task"])["curve"][0]
+        assert run["curve"][0]["kl_to_ref"] == pytest.approx(0.0, abs=1e-9)
+    assert {Path(f).name for f in result["figures"]} == {f"optimum_{t}.png" for t in ("full", "sparse", "sampled")}
+    for figure in result["figures"]:
+        assert (tmp_path / figure).read_bytes()[:4] == b"\x89PNG"
+    assert "| rpo_empirical_sum |" in result["table_markdown"]

@@ -128,6 +128,17 @@ def test_hand_computed_monte_carlo():
     torch.testing.assert_close(out.values, _t([LOG(1.5), LOG(2), LOG(1.5), LOG(2), LOG(2)]), rtol=0, atol=1e-12)
 
 
+def test_no_partition_targets_are_reward_over_tau_and_never_sparse():
+    """The ablation V = 0: t = r / tau (tau = 2), whatever the ref log-probs; the lone row of group 5 is not sparse."""
+    out = _targets(
+        [-9.0, -1.0, -3.0], [1.0, -3.0, 0.5], [0, 0, 5], beta=2.0, estimator="none", sparse_prompt_strategy="error"
+    )
+    torch.testing.assert_close(out.targets, _t([0.5, -1.5, 0.25]), rtol=0, atol=0)
+    torch.testing.assert_close(out.values, _t([0.0, 0.0, 0.0]), rtol=0, atol=0)
+    assert not out.sparse.any()
+    assert out.keep.all()
+
+
 def test_hand_computed_loss():
     """policy = ref + t + e with e = (0.1, -0.2, 0, 0.3, -0.1): L = 0.5 * (0.01+0.04+0+0.09+0.01)/5 = 0.015."""
     t = _targets(HAND["ref"], HAND["r"], HAND["g"], beta=1.0).targets

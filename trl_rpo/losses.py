@@ -10,7 +10,9 @@ The KL-regularised optimum is ``pi*(y|x) = pi_ref(y|x) exp(r(x, y)/tau) / Z(x)``
 
 * ``"empirical"``:   ``log Z(x) = logsumexp_{distinct y_j of x} (l_j + r_j / tau)`` -- a duplicated completion
   enters once, with the mean of its rows' rewards (and of their ref log-probs);
-* ``"monte_carlo"``: ``log Z(x) = logsumexp_{rows j of x} (r_j / tau) - log n_x``, i.e. ``y_j ~ pi_ref``.
+* ``"monte_carlo"``: ``log Z(x) = logsumexp_{rows j of x} (r_j / tau) - log n_x``, i.e. ``y_j ~ pi_ref``;
+* ``"none"``:        ``log Z(x) = 0``, i.e. ``V(x) = 0`` -- no partition at all, the "RPO without normalisation"
+  ablation of the paper, kept to measure what the partition buys (no prompt is ever sparse).
 
 The loss regresses the policy log-ratio on that target, ``V`` and ``l`` being constants::
 
@@ -38,7 +40,7 @@ import torch
 from torch import Tensor
 
 
-ESTIMATORS = ("empirical", "monte_carlo")
+ESTIMATORS = ("empirical", "monte_carlo", "none")
 REWARD_NORMALIZATIONS = ("global", "none", "per_prompt")
 SPARSE_PROMPT_STRATEGIES = ("global_baseline", "drop", "error")
 LOGPS_AGGREGATIONS = ("mean", "sum")
@@ -191,6 +193,12 @@ def _monte_carlo(r: Tensor, g: Tensor, num_groups: int, tau: float) -> tuple[Ten
     return log_z, r, counts
 
 
+def _no_partition(r: Tensor, g: Tensor, num_groups: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``log Z = 0`` for every group; counts of +inf so that no group is ever sparse."""
+    zeros = torch.zeros(num_groups, dtype=torch.float64, device=r.device)
+    return zeros, r, torch.full_like(zeros, math.inf)
+
+
 def _check_beta(beta: float) -> float:
     try:
         tau = float(beta)
@@ -232,7 +240,8 @@ def rpo_targets(
     ``rewards`` must already be normalised. ``completion_ids=None`` makes every row a distinct completion.
     Prompts with fewer than ``min_completions_per_prompt`` distinct completions (``"empirical"``) or rows
     (``"monte_carlo"``) are sparse: ``"global_baseline"`` uses ``V_g`` (``global_value`` if given, e.g. the train
-    split's), ``"drop"`` gives them a NaN target and ``keep=False``, ``"error"`` raises.
+    split's), ``"drop"`` gives them a NaN target and ``keep=False``, ``"error"`` raises. ``"none"`` sets
+    ``V = 0`` (targets ``r_j / tau``) and has no sparse prompts.
     """
     tau = _check_beta(beta)
     _validate_inputs(ref_logps, rewards, group_ids, completion_ids)
@@ -247,8 +256,10 @@ def rpo_targets(
     num_groups = int(g.max()) + 1 if g.numel() else 0
     if estimator == "empirical":
         log_z, r_row, counts = _empirical(ref, r, g, num_groups, completion_ids, tau)
-    else:
+    elif estimator == "monte_carlo":
         log_z, r_row, counts = _monte_carlo(r, g, num_groups, tau)
+    else:
+        log_z, r_row, counts = _no_partition(r, g, num_groups)
     if global_value is None:
         global_value = _global_value(r, tau)
     sparse = (counts < min_completions_per_prompt)[g]

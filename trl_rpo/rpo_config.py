@@ -40,7 +40,8 @@ class RPOConfig(KTOConfig):
         partition_estimator (`str`, *optional*, defaults to `"empirical"`):
             Estimator of log Z(x): `"empirical"` (the paper's, logsumexp over the distinct completions of the prompt
             of log π_ref + r/τ) or `"monte_carlo"` (logsumexp of r/τ minus log n; consistent when the completions are
-            samples of the reference policy).
+            samples of the reference policy). `"none"` sets V̂(x) = 0 (target r/τ): the paper's "RPO without
+            normalisation" ablation, for studies only.
         reward_normalization (`str`, *optional*, defaults to `"global"`):
             `"global"`: z-score the rewards with the training split's mean and population standard deviation (as the
             authors do; evaluation splits reuse the training statistics; a constant reward is centred, not scaled).
@@ -90,7 +91,8 @@ class RPOConfig(KTOConfig):
         default="empirical",
         metadata={
             "help": "Estimator of log Z(x): 'empirical' (the paper's, over the prompt's distinct completions) or "
-            "'monte_carlo' (logsumexp(r/τ) − log n, for completions sampled from the reference).",
+            "'monte_carlo' (logsumexp(r/τ) − log n, for completions sampled from the reference) or 'none' (V̂ = 0, the "
+            "paper's ablation).",
             "choices": list(ESTIMATORS),
         },
     )
