@@ -80,6 +80,7 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--scheduler", default="cosine", help="lr_scheduler_type of every method")
+    p.add_argument("--warmup-steps", type=int, default=20)
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--reference-fit-steps", type=int, default=60, help="Adam steps fitting the reference (see below)")
     p.add_argument("--threads", type=int, default=1)
@@ -89,7 +90,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.quick:
         args.seeds, args.steps, args.eval_every, args.prompts, args.candidates = 1, 4, 2, 3, 3
-        args.reference_fit_steps = 2
+        args.reference_fit_steps, args.warmup_steps = 2, 0
     default_methods = SWEEP_METHODS if args.tau_sweep else (("rpo_empirical_sum", "kto") if args.quick else METHODS)
     args.methods = args.methods.split(",") if args.methods else list(default_methods)
     args.tasks = ["full"] if args.tau_sweep else args.tasks.split(",")
@@ -265,6 +266,7 @@ def trainer_for(method: str, model_dir: str, data: dict, tau: float, args, out_d
         "max_steps": args.steps,
         "learning_rate": args.lr,
         "lr_scheduler_type": args.scheduler,
+        "warmup_steps": args.warmup_steps,
         "weight_decay": 0.0,
         "max_grad_norm": 1.0,
         "gradient_checkpointing": False,
@@ -419,7 +421,7 @@ def plot(runs: list[dict], tasks: list[str], methods: list[str], path_prefix: st
         axes[3].set_title("training loss (each method's own)")
         for ax in axes:
             ax.set_xlabel("optimizer step")
-        axes[1].legend(fontsize=7)
+        axes[0].legend(fontsize=7, ncol=2)
         fig.suptitle(
             f"Known-optimum task `{task}` (τ = {runs[0]['tau']:g}, mean over {len({r['seed'] for r in runs})} seeds)"
         )
@@ -429,6 +431,17 @@ def plot(runs: list[dict], tasks: list[str], methods: list[str], path_prefix: st
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def _rounded(value, digits: int = 5):
+    """Floats to `digits` significant digits, so that the JSON of 100 runs' curves stays small."""
+    if isinstance(value, float):
+        return float(f"{value:.{digits}g}") if math.isfinite(value) else value
+    if isinstance(value, dict):
+        return {k: _rounded(v, digits) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rounded(v, digits) for v in value]
+    return value
 
 
 def main(argv=None) -> None:
@@ -470,7 +483,7 @@ def main(argv=None) -> None:
         "runs": runs,
     }
     with open(output, "w") as f:
-        json.dump(result, f, indent=1)
+        json.dump(_rounded(result), f, indent=1)
     print(f"\nwritten: {output}" + "".join(f"\nwritten: {f}" for f in figures))
 
 

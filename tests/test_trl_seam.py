@@ -75,7 +75,39 @@ def test_cli_helpers_we_reuse():
 
 def test_fused_head_compaction_switch():
     """RPOTrainer makes the fused head score only labelled positions on CPU through this module-level function."""
+    import torch
     import trl.trainer.utils as trl_utils
 
     assert callable(trl_utils._use_triton)
     assert "compact = _use_triton(hidden_states.device)" in inspect.getsource(trl_utils.add_fused_lm_head)
+    # ... and replaces its log-prob function there, looked up in this module at call time
+    assert "_ChunkedLogProbFunction.apply(" in inspect.getsource(trl_utils.add_fused_lm_head)
+    assert issubclass(trl_utils._ChunkedLogProbFunction, torch.autograd.Function)
+
+
+@pytest.mark.parametrize(("softcap", "logit_scale", "temperature"), [(None, 1.0, 1.0), (3.0, 0.5, 0.7)])
+def test_cpu_head_matches_trl_chunked_function(softcap, logit_scale, temperature):
+    """RPO's CPU head gives TRL's log-probs, entropy, mean logit and gradients (vocabulary spans several TRL tiles)."""
+    import torch
+    import trl.trainer.utils as trl_utils
+
+    from trl_rpo.rpo_trainer import _CompletionHeadOffAccelerator
+
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(37, 16, generator=generator, dtype=torch.float64)
+    weight = torch.randn(5000, 16, generator=generator, dtype=torch.float64)
+    bias = torch.randn(5000, generator=generator, dtype=torch.float64)
+    targets = torch.randint(0, 5000, (37,), generator=generator)
+    outputs = ("log_probs", "entropy", "mean_logits")
+    results = []
+    for function in (trl_utils._ChunkedLogProbFunction, _CompletionHeadOffAccelerator):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        log_probs, entropy, _, mean_logits, _ = function.apply(
+            h, w, bias, targets, temperature, 1024, softcap, logit_scale, outputs
+        )
+        (log_probs * torch.linspace(-1, 2, 37, dtype=log_probs.dtype)).sum().backward()
+        results.append([log_probs.double(), entropy.double(), mean_logits.double(), h.grad, w.grad])
+    names = ["log_probs", "entropy", "mean_logits", "d hidden", "d weight"]
+    for name, trl_value, ours in zip(names, *results, strict=True):
+        # TRL accumulates its statistics in float32: agreement to float32 rounding, far below a wrong transform
+        torch.testing.assert_close(ours, trl_value, rtol=1e-5, atol=5e-5, msg=name)

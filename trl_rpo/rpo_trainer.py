@@ -481,7 +481,7 @@ class RPOTrainer(KTOTrainer):
             if self.aux_loss_enabled and model is not self.ref_model:
                 kwargs["output_router_logits"] = True
             labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
-            with _fused_head_scores_labelled_positions_only():
+            with _completion_only_lm_head():
                 outputs = model(**kwargs, labels=labels, fused_lm_head=True)
             # Position i predicts token i + 1; prompt-learning PEFT prepends virtual tokens, so keep the last ones.
             mask = batch["completion_mask"][:, 1:]
@@ -608,18 +608,57 @@ def _tokenize_row(example: dict, processing_class) -> dict:
     }
 
 
+# Above this many logits (completion tokens x vocabulary; 256 MB in fp32) the CPU head goes back to TRL's tiles.
+_PLAIN_HEAD_MAX_LOGITS = 2**26
+
+
+class _CompletionHeadOffAccelerator:
+    """Stands in for TRL's `_ChunkedLogProbFunction` inside `_completion_only_lm_head()` (same `apply` signature).
+
+    On CPU and MPS, TRL's tiled log-prob function falls back to several plain-torch passes per tile and recomputes
+    the projection in backward: 1.2x a plain PyTorch step on its own in benchmarks/throughput.py. When the logits
+    of the completion tokens are small enough to hold, they are computed once here (projection, TRL's scale /
+    softcap / temperature transform, one `log_softmax` kept for backward) and the entropy and mean logit are read
+    from them without gradient. On accelerators, or for larger batches, TRL's function runs unchanged.
+    """
+
+    chunked = trl_utils._ChunkedLogProbFunction
+
+    @classmethod
+    def apply(cls, hidden, weight, bias, targets, temperature, chunk_size, softcap, logit_scale, outputs):
+        too_big = hidden.shape[0] * weight.shape[0] > _PLAIN_HEAD_MAX_LOGITS
+        if hidden.device.type not in ("cpu", "mps") or too_big or {"log_sum_sq_probs", "is_top1"} & set(outputs):
+            return cls.chunked.apply(
+                hidden, weight, bias, targets, temperature, chunk_size, softcap, logit_scale, outputs
+            )
+        logits = torch.nn.functional.linear(hidden, weight, bias).float() * logit_scale
+        if softcap is not None:
+            logits = softcap * torch.tanh(logits / softcap)
+        log_probs = (logits / temperature).log_softmax(-1)
+        token_logps = log_probs.gather(-1, targets[:, None]).squeeze(-1)
+        with torch.no_grad():
+            entropy = -(log_probs.exp() * log_probs).sum(-1) if "entropy" in outputs else None
+            mean_logits = (logits / temperature).mean(-1) if "mean_logits" in outputs else None
+        return token_logps, entropy, None, mean_logits, None
+
+
 @contextlib.contextmanager
-def _fused_head_scores_labelled_positions_only():
-    """TRL's fused LM head projects only the labelled (completion) positions on CUDA/XPU, but every position on other
-    devices (fixed tile shapes, for Neuron's compiler). On CPU and MPS that multiplies the head's work by
-    sequence/completion length for nothing (3.2x RPO's step time in benchmarks/throughput.py), so it is switched to
-    the labelled positions there; the result is the same, scattered back to the full shape."""
+def _completion_only_lm_head():
+    """Make TRL's fused LM head cheap on CPU and MPS, with the same results.
+
+    1. It projects only the labelled (completion) positions on CUDA/XPU but every position elsewhere (fixed tile
+       shapes, for Neuron's compiler): on CPU/MPS that multiplies the head's work by sequence/completion length for
+       nothing (3.2x RPO's step time in benchmarks/throughput.py), so it is switched to the labelled positions.
+    2. Its log-prob function is replaced there by `_CompletionHeadOffAccelerator` (see its docstring).
+    """
     original = trl_utils._use_triton
     trl_utils._use_triton = lambda device: original(device) or device.type in ("cpu", "mps")
+    trl_utils._ChunkedLogProbFunction = _CompletionHeadOffAccelerator
     try:
         yield
     finally:
         trl_utils._use_triton = original
+        trl_utils._ChunkedLogProbFunction = _CompletionHeadOffAccelerator.chunked
 
 
 def _tokenize_seq2seq_row(example: dict, processing_class) -> dict:
