@@ -312,7 +312,9 @@ def run_one(method: str, kind: str, task: dict, seed: int, tau: float, args, wor
     start = time.perf_counter()
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    tail = losses[-max(2, len(losses) // 5) :]
+    # DRO's loss is in reward units, τ² times RPO's (log-ratio units): compare variances in log-ratio units.
+    scale = tau**2 if method == "dro" else 1.0
+    tail = [loss / scale for loss in losses[-max(2, len(losses) // 5) :]]
     final = probe.curve[-1]
     return {
         "method": method,
@@ -374,7 +376,7 @@ def study_table(runs: list[dict], tasks: list[str], methods: list[str]) -> str:
 
 def sweep_table(runs: list[dict], methods: list[str]) -> str:
     lines = [
-        "| method | τ | TV(π, π*_τ) | loss variance, last 20% of steps | non-finite losses | diverged runs |",
+        "| method | τ | TV(π, π*_τ) | loss variance, last 20% of steps (log-ratio²) | non-finite losses | diverged |",
         "|---|---|---|---|---|---|",
     ]
     for method in methods:
