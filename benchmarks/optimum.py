@@ -87,6 +87,7 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 2 methods, a few steps")
     p.add_argument("--output", default=None, help="JSON path (default: results/optimum[_tau_sweep]_<device>.json)")
     p.add_argument("--no-plots", dest="plots", action="store_false")
+    p.add_argument("--replot", default=None, metavar="JSON", help="only redraw the figures of a results file")
     args = p.parse_args(argv)
     if args.quick:
         args.seeds, args.steps, args.eval_every, args.prompts, args.candidates = 1, 4, 2, 3, 3
@@ -423,11 +424,12 @@ def plot(runs: list[dict], tasks: list[str], methods: list[str], path_prefix: st
         axes[3].set_title("training loss (each method's own)")
         for ax in axes:
             ax.set_xlabel("optimizer step")
-        axes[0].legend(fontsize=7, ncol=2)
+        handles, labels = axes[1].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=9, frameon=False)
         fig.suptitle(
             f"Known-optimum task `{task}` (τ = {runs[0]['tau']:g}, mean over {len({r['seed'] for r in runs})} seeds)"
         )
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, 0.07, 1, 1))
         path = f"{path_prefix}_{task}.png"
         fig.savefig(path, dpi=90)
         plt.close(fig)
@@ -448,6 +450,13 @@ def _rounded(value, digits: int = 5):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.replot:
+        with open(args.replot) as f:
+            saved = json.load(f)
+        settings = saved["settings"]
+        for figure in plot(saved["runs"], settings["tasks"], settings["methods"], os.path.splitext(args.replot)[0]):
+            print(f"written: {figure}")
+        return
     torch.set_num_threads(args.threads)
     hf_logging.set_verbosity_error()
     device = "cuda" if torch.cuda.is_available() else "cpu"

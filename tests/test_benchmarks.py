@@ -111,4 +111,8 @@ def test_optimum_quick(tmp_path):
     assert {Path(f).name for f in result["figures"]} == {f"optimum_{t}.png" for t in ("full", "sparse", "sampled")}
     for figure in result["figures"]:
         assert (tmp_path / figure).read_bytes()[:4] == b"\x89PNG"
+        (tmp_path / figure).unlink()
+    # `--replot` redraws the same figures from the JSON alone
+    subprocess.run([sys.executable, str(OPTIMUM), "--replot", str(output)], check=True, env=env, capture_output=True)
+    assert all((tmp_path / figure).read_bytes()[:4] == b"\x89PNG" for figure in result["figures"])
     assert "| rpo_empirical_sum |" in result["table_markdown"]
