@@ -1,10 +1,11 @@
-# `make demo` sets everything up and runs the quick-start demo; `make test` runs the test suite (what CI runs).
+# `make demo` sets everything up and runs the real-model demo (SmolLM2, LoRA RPO, CPU, offline); `make test` runs the
+# test suite (what CI runs). `make tiny-demo` is the 15-second version on a tiny random model.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install demo test quality style clean
+.PHONY: install demo tiny-demo test quality style clean
 
 # torch first and pinned: an unpinned torch pulled in by accelerate can fetch a multi-GB CUDA build.
 $(VENV)/.installed: pyproject.toml
@@ -19,6 +20,9 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
+	$(PY) examples/smollm2_demo/train.py
+
+tiny-demo: install
 	$(PY) examples/tiny_demo.py
 
 test: install
