@@ -111,3 +111,25 @@ def test_cpu_head_matches_trl_chunked_function(softcap, logit_scale, temperature
     for name, trl_value, ours in zip(names, *results, strict=True):
         # TRL accumulates its statistics in float32: agreement to float32 rounding, far below a wrong transform
         torch.testing.assert_close(ours, trl_value, rtol=1e-5, atol=5e-5, msg=name)
+
+
+def test_cpu_head_context_computes_only_what_rpo_reads_and_restores_trl():
+    """Inside RPO's context TRL's module sees RPO's head, which skips the mean logit (never logged) and, for the
+    reference pass, the entropy; on exit TRL's own function is back."""
+    import torch
+    import trl.trainer.utils as trl_utils
+
+    from trl_rpo.rpo_trainer import _completion_only_lm_head, _CompletionHeadOffAccelerator
+
+    trl_function = trl_utils._ChunkedLogProbFunction
+    args = (torch.randn(5, 8), torch.randn(50, 8), None, torch.randint(0, 50, (5,)), 1.0, 1024, None, 1.0)
+    every_output = ("log_probs", "entropy", "mean_logits")
+    for with_entropy in (True, False):
+        with _completion_only_lm_head(with_entropy):
+            log_probs, entropy, _, mean_logits, _ = trl_utils._ChunkedLogProbFunction.apply(*args, every_output)
+        assert trl_utils._ChunkedLogProbFunction is trl_function
+        assert log_probs.shape == (5,)
+        assert (entropy is not None) == with_entropy
+        assert mean_logits is None
+    # outside the context the stand-in computes whatever it is asked again (the equivalence test relies on it)
+    assert _CompletionHeadOffAccelerator.apply(*args, every_output)[3] is not None

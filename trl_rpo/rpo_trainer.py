@@ -481,7 +481,7 @@ class RPOTrainer(KTOTrainer):
             if self.aux_loss_enabled and model is not self.ref_model:
                 kwargs["output_router_logits"] = True
             labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
-            with _completion_only_lm_head():
+            with _completion_only_lm_head(with_entropy):
                 outputs = model(**kwargs, labels=labels, fused_lm_head=True)
             # Position i predicts token i + 1; prompt-learning PEFT prepends virtual tokens, so keep the last ones.
             mask = batch["completion_mask"][:, 1:]
@@ -619,13 +619,18 @@ class _CompletionHeadOffAccelerator:
     the projection in backward: 1.2x a plain PyTorch step on its own in benchmarks/throughput.py. When the logits
     of the completion tokens are small enough to hold, they are computed once here (projection, TRL's scale /
     softcap / temperature transform, one `log_softmax` kept for backward) and the entropy and mean logit are read
-    from them without gradient. On accelerators, or for larger batches, TRL's function runs unchanged.
+    from them without gradient. On accelerators, or for larger batches, TRL's function runs. Either way only the
+    outputs in `keep` are computed (when set): KTO's set-up asks for the mean logit, which RPO never logs, and the
+    reference pass needs no entropy.
     """
 
     chunked = trl_utils._ChunkedLogProbFunction
+    keep: tuple[str, ...] | None = None
 
     @classmethod
     def apply(cls, hidden, weight, bias, targets, temperature, chunk_size, softcap, logit_scale, outputs):
+        if cls.keep is not None:
+            outputs = tuple(name for name in outputs if name in cls.keep)
         too_big = hidden.shape[0] * weight.shape[0] > _PLAIN_HEAD_MAX_LOGITS
         if hidden.device.type not in ("cpu", "mps") or too_big or {"log_sum_sq_probs", "is_top1"} & set(outputs):
             return cls.chunked.apply(
@@ -643,22 +648,25 @@ class _CompletionHeadOffAccelerator:
 
 
 @contextlib.contextmanager
-def _completion_only_lm_head():
+def _completion_only_lm_head(with_entropy: bool):
     """Make TRL's fused LM head cheap on CPU and MPS, with the same results.
 
     1. It projects only the labelled (completion) positions on CUDA/XPU but every position elsewhere (fixed tile
        shapes, for Neuron's compiler): on CPU/MPS that multiplies the head's work by sequence/completion length for
        nothing (3.2x RPO's step time in benchmarks/throughput.py), so it is switched to the labelled positions.
     2. Its log-prob function is replaced there by `_CompletionHeadOffAccelerator` (see its docstring).
+    3. Everywhere, only the log-probs (and the entropy, if `with_entropy`) are computed.
     """
     original = trl_utils._use_triton
     trl_utils._use_triton = lambda device: original(device) or device.type in ("cpu", "mps")
     trl_utils._ChunkedLogProbFunction = _CompletionHeadOffAccelerator
+    _CompletionHeadOffAccelerator.keep = ("log_probs", "entropy") if with_entropy else ("log_probs",)
     try:
         yield
     finally:
         trl_utils._use_triton = original
         trl_utils._ChunkedLogProbFunction = _CompletionHeadOffAccelerator.chunked
+        _CompletionHeadOffAccelerator.keep = None
 
 
 def _tokenize_seq2seq_row(example: dict, processing_class) -> dict:
