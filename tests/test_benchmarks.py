@@ -18,17 +18,17 @@ OPTIMUM = SCRIPT.parent / "optimum.py"
 METHODS = {"floor", "rpo", "kto", "kto_precomputed", "sft"}
 
 
-def test_throughput_quick(tmp_path):
-    output = tmp_path / "throughput.json"
+def _run_benchmark(script: Path, tmp_path: Path, *args: str, timeout: int = 300) -> None:
+    """Run a benchmark script offline in `tmp_path`, with a private datasets cache; fail on a non-zero exit."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "HF_DATASETS_CACHE": str(tmp_path / "hf")}
     subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--threads", "1", "--output", str(output)],
-        check=True,
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        timeout=120,
+        [sys.executable, str(script), *args], check=True, env=env, cwd=tmp_path, capture_output=True, timeout=timeout
     )
+
+
+def test_throughput_quick(tmp_path):
+    output = tmp_path / "throughput.json"
+    _run_benchmark(SCRIPT, tmp_path, "--quick", "--threads", "1", "--output", str(output), timeout=120)
     result = json.loads(output.read_text())
 
     methods = result["methods"]
@@ -82,15 +82,7 @@ def test_optimum_distances_are_exact_on_known_distributions():
 
 def test_optimum_quick(tmp_path):
     output = tmp_path / "optimum.json"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "HF_DATASETS_CACHE": str(tmp_path / "hf")}
-    subprocess.run(
-        [sys.executable, str(OPTIMUM), "--quick", "--output", str(output)],
-        check=True,
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        timeout=300,
-    )
+    _run_benchmark(OPTIMUM, tmp_path, "--quick", "--output", str(output))
     result = json.loads(output.read_text())
     runs = result["runs"]
     assert {(r["task"], r["method"]) for r in runs} == {
@@ -113,6 +105,6 @@ def test_optimum_quick(tmp_path):
         assert (tmp_path / figure).read_bytes()[:4] == b"\x89PNG"
         (tmp_path / figure).unlink()
     # `--replot` redraws the same figures from the JSON alone
-    subprocess.run([sys.executable, str(OPTIMUM), "--replot", str(output)], check=True, env=env, capture_output=True)
+    _run_benchmark(OPTIMUM, tmp_path, "--replot", str(output))
     assert all((tmp_path / figure).read_bytes()[:4] == b"\x89PNG" for figure in result["figures"])
     assert "| rpo_empirical_sum |" in result["table_markdown"]
