@@ -26,8 +26,8 @@ def smollm2_folder(num_layers: int | None = None, cache_dir: str | None = None) 
     The folder is `<cache_dir>/smollm2-135m-instruct[-<N>l]` (no suffix for all 30 layers), `cache_dir` defaulting to
     `~/.cache/trl_rpo`. It is built on the first call (25-45 s on 2 CPU cores) and returned as is afterwards. Weights
     are saved in float32: the dequantised GGUF values are float32, so nothing is rounded again, and CPU training runs
-    in float32 anyway (load with `dtype=torch.bfloat16` on a GPU). The 2-layer cut has 35.4M parameters (142 MB; 28.3M are the tied
-    embedding), the full model 134.5M (538 MB).
+    in float32 anyway (load with `dtype=torch.bfloat16` on a GPU). The 2-layer cut has 35.4M parameters (142 MB;
+    28.3M are the tied embedding), the full model 134.5M (538 MB).
     """
     if num_layers is not None and not 1 <= num_layers <= NUM_LAYERS:
         raise ValueError(f"`num_layers` must be between 1 and {NUM_LAYERS} (SmolLM2-135M's depth), got {num_layers}.")
