@@ -639,11 +639,12 @@ class _CompletionHeadOffAccelerator:
         logits = torch.nn.functional.linear(hidden, weight, bias).float() * logit_scale
         if softcap is not None:
             logits = softcap * torch.tanh(logits / softcap)
-        log_probs = (logits / temperature).log_softmax(-1)
+        logits = logits / temperature  # TRL's order: scale, softcap, temperature
+        log_probs = logits.log_softmax(-1)
         token_logps = log_probs.gather(-1, targets[:, None]).squeeze(-1)
         with torch.no_grad():
             entropy = -(log_probs.exp() * log_probs).sum(-1) if "entropy" in outputs else None
-            mean_logits = (logits / temperature).mean(-1) if "mean_logits" in outputs else None
+            mean_logits = logits.mean(-1) if "mean_logits" in outputs else None
         return token_logps, entropy, None, mean_logits, None
 
 
