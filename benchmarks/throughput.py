@@ -373,7 +373,7 @@ def time_target_pass(rpo, args) -> dict:
         model.train()
 
     candidates = {
-        "rpo_target_pass": lambda: rpo._reference_pass(dataset, "benchmark", args.batch),
+        "rpo_target_pass": lambda: rpo._reference_pass(rpo._reference_model(), dataset, "benchmark", args.batch),
         "no_grad_forward_full_logits": lambda: plain(head=False),
         "no_grad_forward_completion_head": lambda: plain(head=True),
     }

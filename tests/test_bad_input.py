@@ -71,7 +71,7 @@ def test_paired_scores_are_checked_in_the_users_rows():
 def test_bool_reward_and_extra_columns():
     out = to_reward_rows(_rows(reward=[True, False, True], note=["n1", "n2", "n3"]), "train")
     assert list(out["reward"]) == [1.0, 0.0, 1.0]
-    assert set(out.column_names) == {"prompt", "completion", "reward"}
+    assert set(out.column_names) == {"prompt", "completion", "reward", "source_row"}
 
 
 def test_empty_dataset():

@@ -21,9 +21,10 @@ METHODS = {"floor", "rpo", "kto", "kto_precomputed", "sft"}
 def _run_benchmark(script: Path, tmp_path: Path, *args: str, timeout: int = 300) -> None:
     """Run a benchmark script offline in `tmp_path`, with a private datasets cache; fail on a non-zero exit."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "HF_DATASETS_CACHE": str(tmp_path / "hf")}
-    subprocess.run(
-        [sys.executable, str(script), *args], check=True, env=env, cwd=tmp_path, capture_output=True, timeout=timeout
-    )
+    command = [sys.executable, str(script), *args]
+    options = {"env": env, "cwd": tmp_path, "capture_output": True, "text": True, "timeout": timeout}
+    result = subprocess.run(command, check=False, **options)
+    assert result.returncode == 0, result.stderr[-4000:]
 
 
 def test_throughput_quick(tmp_path):

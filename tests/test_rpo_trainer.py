@@ -96,9 +96,10 @@ def test_paired_format_gives_two_rows_per_pair(model_dir, make_args, with_scores
     trainer = RPOTrainer(model_dir, args=make_args(), train_dataset=Dataset.from_dict(pairs))
     data = trainer.train_dataset
     assert len(data) == 4
-    expected = [9.0, 7.0, 2.0, 6.5] if with_scores else [1.0, 1.0, 0.0, 0.0]
-    assert list(data["reward"]) == expected
-    assert list(data["completion"]) == [" 2<|im_end|>", " 4<|im_end|>", " 3<|im_end|>", " 5<|im_end|>"]
+    expected = [9.0, 2.0, 7.0, 6.5] if with_scores else [1.0, 0.0, 1.0, 0.0]
+    assert list(data["reward"]) == expected  # each pair gives two consecutive rows, chosen then rejected
+    assert list(data["completion"]) == [" 2<|im_end|>", " 3<|im_end|>", " 4<|im_end|>", " 5<|im_end|>"]
+    assert list(data["source_row"]) == [0, 0, 1, 1]  # errors and counts name the user's pair
     trainer.train()
 
 

@@ -5,14 +5,14 @@ import textwrap
 
 import torch
 from accelerate.utils import is_peft_model
-from datasets import Dataset
 from safetensors.torch import load_model, save_model
 from torch import nn
 from transformers import AutoConfig, AutoModel, TrainerCallback
-from trl.trainer.utils import disable_dropout_in_model, get_config_model_id
+from trl.trainer.utils import get_config_model_id
 
 from .dro_config import DROConfig
 from .losses import dro_loss
+from .modeling import disable_dropout
 from .rpo_trainer import RowMetrics, RPOTrainer
 
 
@@ -89,7 +89,6 @@ class DROTrainer(RPOTrainer):
             }"""),
     }
     _config_class = DROConfig
-    _precomputed_column = "reward_z"
 
     def __init__(self, model, ref_model=None, args: DROConfig | None = None, *positional, **kwargs):
         self._hidden_states = None
@@ -97,7 +96,7 @@ class DROTrainer(RPOTrainer):
         args = self.args
         self.value_model = self._build_value_model(model).to(self.accelerator.device)
         if args.disable_dropout:
-            disable_dropout_in_model(self.value_model)
+            disable_dropout(self.value_model)
         if self.accelerator.num_processes > 1:
             if self.is_deepspeed_enabled or self.is_fsdp_enabled:
                 raise NotImplementedError("DROTrainer's value network does not support DeepSpeed or FSDP yet.")
@@ -152,10 +151,9 @@ class DROTrainer(RPOTrainer):
         return self.value_model(features=states[torch.arange(states.size(0), device=states.device), last])
 
     # -------------------------------------------------------------------------------------------- data
-    def _attach_row_targets(self, dataset, name, ref_logps, rewards, group_ids, is_train) -> Dataset:
+    def _row_columns(self, dataset, name, ref_logps, rewards, group_ids, is_train):
         # DRO needs no per-prompt estimate: the reference log-probs and the normalised rewards are all it stores.
-        dataset = dataset.add_column("ref_logps", ref_logps.tolist())
-        return dataset.add_column("reward_z", rewards.tolist())
+        return {"ref_logps": ref_logps, "reward_z": rewards}, torch.ones_like(rewards, dtype=torch.bool)
 
     # -------------------------------------------------------------------------------------------- loss
     def _loss_from_logps(self, batch, policy_logps, outputs) -> tuple[torch.Tensor, RowMetrics]:

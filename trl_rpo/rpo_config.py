@@ -54,6 +54,19 @@ class RPOConfig(KTOConfig):
             What to do with prompts below `min_completions_per_prompt`: `"global_baseline"` (use V̂_g = τ·log mean
             exp(r/τ) over all training rows), `"drop"` (remove their rows, counted in the logs) or `"error"`.
 
+        > Parameters that control the target pass
+
+        cache_ref_log_probs (`bool`, *optional*, defaults to `True`):
+            Cache the reference log-probs of each split on disk (next to the dataset's Arrow cache files, or under
+            `$HF_DATASETS_CACHE/trl_rpo`), keyed by a digest of the reference weights, the model config, dtype,
+            autocast and attention implementation, the token ids and `max_length`, so that a rerun on the same data
+            and reference skips the reference pass. Files are written atomically; a log line (at `log_level="info"`)
+            says hit or miss and where the file is. Targets are always recomputed from the log-probs.
+        keep_ref_model (`bool`, *optional*, defaults to `False`):
+            An explicit `ref_model` is only read by the target pass; by default it is then moved off the accelerator
+            and dropped by the trainer (your own variable, if any, still holds it). Set `True` to keep it, e.g. to
+            pass new datasets to `evaluate()` after construction.
+
         > Parameters inherited from KTOConfig with a different default
 
         precompute_ref_log_probs (`bool`, *optional*, defaults to `True`):
@@ -61,6 +74,8 @@ class RPOConfig(KTOConfig):
             needs every completion of a prompt). Setting it to `False` is an error.
         train_sampling_strategy (`str`, *optional*, defaults to `"random"`):
             Targets are stored per row, so batches may mix prompts freely; rows are shuffled like the authors' loader.
+            `"group_by_length"` batches rows of similar length (the `length` column the target pass adds: tokens the
+            model reads per row, after truncation).
         loss_type (`str`, *optional*, defaults to `"rpo"`):
             Only `"rpo"`. Kept so that configuration files written for KTO parse.
 
@@ -117,6 +132,20 @@ class RPOConfig(KTOConfig):
             "help": "Prompts with too few completions: 'global_baseline' (V̂ over all training rows), 'drop' (rows "
             "removed and counted) or 'error'.",
             "choices": list(SPARSE_PROMPT_STRATEGIES),
+        },
+    )
+    cache_ref_log_probs: bool = field(
+        default=True,
+        metadata={
+            "help": "Cache each split's reference log-probs on disk, keyed by a digest of the reference weights, "
+            "config, dtype, autocast, attention implementation, token ids and `max_length`."
+        },
+    )
+    keep_ref_model: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep an explicit `ref_model` after the target pass (needed to `evaluate()` new datasets later); "
+            "by default it is moved off the accelerator and released."
         },
     )
     precompute_ref_log_probs: bool = field(

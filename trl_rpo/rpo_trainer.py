@@ -1,5 +1,5 @@
 import contextlib
-import hashlib
+import logging
 import os
 import textwrap
 from collections.abc import Callable
@@ -12,8 +12,8 @@ import torch
 import trl.trainer.utils as trl_utils
 from accelerate.logging import get_logger
 from accelerate.utils import broadcast_object_list, is_peft_model, tqdm
+from accelerate.utils.memory import clear_device_cache
 from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
-from datasets.fingerprint import Hasher
 from torch.utils.data import DataLoader
 from transformers import (
     AutoConfig,
@@ -28,7 +28,6 @@ from transformers import (
 from transformers.data.data_collator import DataCollatorMixin
 from transformers.trainer_utils import EvalPrediction
 from trl import KTOTrainer
-from trl.data_utils import _tokenize, common_prefix_length, is_conversational
 from trl.models import prepare_deepspeed
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import (
@@ -39,8 +38,10 @@ from trl.trainer.utils import (
     use_adapter,
 )
 
-from .data import to_reward_rows
+from . import reference_cache
+from .data import check_rows, column_numpy, describe_rows, list_lengths, prepare_rows_batch, token_ids_digest
 from .losses import normalize_rewards, pairwise_ranking_counts, rpo_loss, rpo_targets
+from .modeling import disable_dropout, trainable_bnb_layout
 from .rpo_config import RPOConfig
 
 
@@ -50,16 +51,8 @@ logger = get_logger(__name__)
 ROW_TENSOR_COLUMNS = {"ref_logps": torch.float32, "target": torch.float32, "value": torch.float32}
 ROW_TENSOR_COLUMNS |= {"reward": torch.float32, "group_key": torch.int64}
 ROW_TENSOR_COLUMNS |= {"reward_z": torch.float32}  # the normalised reward, stored by DROTrainer
-_CACHE_VERSION = "trl_rpo-reference-logps-v1"
-
-
-def _ids_key(*id_lists: list[int]) -> int:
-    """A stable signed 64-bit key for token-id sequences (groups rows by tokenised prompt, or completions)."""
-    h = hashlib.blake2b(digest_size=8)
-    for ids in id_lists:
-        h.update(np.asarray(ids, dtype=np.int64).tobytes())
-        h.update(b"|")
-    return int.from_bytes(h.digest(), "little", signed=True)
+# Beyond this a target's square overflows float32 in the loss: training would produce inf.
+_MAX_TARGET = 1e18
 
 
 @dataclass
@@ -196,7 +189,6 @@ class RPOTrainer(KTOTrainer):
     _tag_names = ["trl", "rpo", "trl-rpo"]
     _name = "RPO"
     _config_class = RPOConfig  # the configuration class `args` must be (and the default's)
-    _precomputed_column = "target"  # a dataset holding this column already went through the target pass
     _paper = {
         "title": "Value-Free Policy Optimization via Reward Partitioning",
         "id": "2506.13702",
@@ -259,6 +251,12 @@ class RPOTrainer(KTOTrainer):
         self._data_stats_logged = False
         self._eval_prefix = "eval"
         self._pair_counts = {"train": [0.0, 0.0], "eval": [0.0, 0.0]}
+        self._eval_rows: list[torch.Tensor] = []  # (log-ratio, reward, group) of rows evaluated since the last log
+        self._ref_weights_digest: str | None = None
+        self._ref_model_released = False
+        # What each split's target pass did on this rank: cache "hit" / "miss" / "off", and the rows it scored.
+        self.target_pass_log: dict[str, dict[str, Any]] = {}
+        logging.getLogger("trl_rpo").setLevel(args.get_process_log_level())
         super().__init__(
             model=model,
             ref_model=ref_model,
@@ -273,6 +271,14 @@ class RPOTrainer(KTOTrainer):
             quantization_config=quantization_config,
             peft_config=peft_config,
         )
+        if args.disable_dropout:  # TRL's helper misses functional dropout (T5's attention): switch off every kind
+            for module in (self.model, self.ref_model):
+                if module is not None:
+                    disable_dropout(module)
+        if self.is_fsdp_enabled and ref_model is None:
+            # TRL loads a reference copy under FSDP for its own precompute; RPO's target pass uses the prepared policy.
+            self.ref_model = None
+        self._compute_targets_of_every_split()
 
     # RPO has no KL term: this switches off KTOTrainer's mismatched-completion machinery (KL columns, the
     # sequential-sampler and batch-size > 1 requirements, the extra forwards).
@@ -284,75 +290,114 @@ class RPOTrainer(KTOTrainer):
     def calculate_KL(self, value: bool) -> None:
         pass
 
+    # KTOTrainer's own precompute (and its hash of every weight) is switched off: RPO's target pass replaces it, run
+    # by `_compute_targets_of_every_split` once the trainer is built, and by `evaluate` for new datasets.
+    @property
+    def precompute_ref_logps(self) -> bool:
+        return False
+
+    @precompute_ref_logps.setter
+    def precompute_ref_logps(self, value: bool) -> None:
+        pass
+
     # ----------------------------------------------------------------------------------------------- data
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-        if "completion_ids" in dataset.column_names:  # already prepared
-            return dataset
-        map_kwargs = {"num_proc": args.dataset_num_proc}
-        with global_then_local_main_first():
-            dataset = to_reward_rows(dataset, dataset_name)
-            conversational = is_conversational(dataset[0])
-            if conversational and not getattr(self._tokenizer, "chat_template", None):
-                raise ValueError(
-                    f"The {dataset_name} dataset is conversational (message lists) but the tokenizer has no chat "
-                    "template to render them. Set `tokenizer.chat_template` (e.g. one of trl/chat_templates/), or "
-                    "pass plain-string prompts and completions."
-                )
-            if not conversational and not self.is_encoder_decoder:
-                eos = self._tokenizer.eos_token
-                dataset = dataset.map(
-                    lambda x: {
-                        "completion": x["completion"] if x["completion"].endswith(eos) else x["completion"] + eos
-                    },
-                    desc=f"Adding EOS to {dataset_name} dataset",
-                    **map_kwargs,
-                )
-            dataset = dataset.map(
-                _tokenize_seq2seq_row if self.is_encoder_decoder else _tokenize_row,
-                fn_kwargs={"processing_class": processing_class},
-                desc=f"Tokenizing {dataset_name} dataset",
-                **map_kwargs,
+        """Validate, expand to RPO rows and tokenise a split; derived columns in the input are recomputed."""
+        row_format = check_rows(dataset, dataset_name)
+        if row_format.conversational and not getattr(self._tokenizer, "chat_template", None):
+            raise ValueError(
+                f"The {dataset_name} dataset is conversational (message lists) but the tokenizer has no chat "
+                "template to render them. Set `tokenizer.chat_template` (e.g. one of trl/chat_templates/), or "
+                "pass plain-string prompts and completions."
             )
-            # An encoder-decoder model truncates prompt and completion separately (the authors' `max_len` for
-            # both), so no row loses its whole completion; a causal model drops rows whose prompt fills the window.
-            if args.max_length is not None and not self.is_encoder_decoder:
-                dataset = self._drop_overlong_prompts(dataset, args.max_length, dataset_name)
+        with global_then_local_main_first():
+            dataset = dataset.map(
+                prepare_rows_batch,
+                fn_kwargs={
+                    "row_format": row_format,
+                    "processing_class": processing_class,
+                    "is_encoder_decoder": self.is_encoder_decoder,
+                },
+                batched=True,
+                with_indices=True,
+                remove_columns=dataset.column_names,
+                num_proc=args.dataset_num_proc,
+                desc=f"Tokenizing {dataset_name} dataset",
+            )
+        if not self.is_encoder_decoder:
+            self._refuse_empty_prompts(dataset, dataset_name)
         return dataset
 
-    def _drop_overlong_prompts(self, dataset, max_length, dataset_name):
-        # A prompt that fills `max_length` leaves no completion token after truncation: nothing to learn from.
-        keep = [len(ids) < max_length for ids in list(dataset["prompt_ids"])]
-        dropped = len(keep) - sum(keep)
-        if dropped == len(keep):
+    def _refuse_empty_prompts(self, dataset: Dataset, name: str) -> None:
+        # A causal model predicts each completion token from the tokens before it: with no prompt token, the first
+        # completion token would never be scored.
+        empty = list_lengths(dataset, "prompt_ids") == 0
+        if empty.any():
+            rows = np.unique(column_numpy(dataset, "source_row")[empty])
             raise ValueError(
-                f"Every prompt of the {dataset_name} dataset fills `max_length={max_length}` tokens, so no completion "
-                "token is left. Increase `max_length` or shorten the prompts."
+                f"Column 'prompt' of the {name} dataset tokenises to no token in {describe_rows(rows, len(rows))}, "
+                "so the first token of those completions could not be scored. Give those rows a prompt, or use a "
+                "tokenizer that adds a BOS token."
+            )
+
+    def _fits_max_length(self, dataset: Dataset, name: str) -> np.ndarray:
+        """Rows that keep a completion token after truncation: a causal prompt must be shorter than `max_length`.
+
+        An encoder-decoder model truncates prompt and completion separately (the authors' `max_len` for both), so
+        no row loses its whole completion there."""
+        max_length = self.args.max_length
+        if max_length is None or self.is_encoder_decoder:
+            fits = np.ones(len(dataset), dtype=bool)
+        else:
+            fits = list_lengths(dataset, "prompt_ids") < max_length
+        dropped = int((~fits).sum())
+        if dropped == len(fits):
+            raise ValueError(
+                f"Every prompt of the {name} dataset fills `max_length={max_length}` tokens, so no completion token "
+                "is left. Increase `max_length` or shorten the prompts."
             )
         if dropped:
-            first = [i for i, k in enumerate(keep) if not k][:5]
+            rows = np.unique(column_numpy(dataset, "source_row")[~fits])
             logger.warning(
-                f"Dropped {dropped} of {len(keep)} rows of the {dataset_name} dataset whose prompt fills "
-                f"`max_length={max_length}` (first rows: {first}). Increase `max_length` to keep them."
+                f"Dropped {dropped} of {len(fits)} rows of the {name} dataset whose prompt fills "
+                f"`max_length={max_length}` ({describe_rows(rows, len(rows))} of your dataset). Increase `max_length` "
+                "to keep them."
             )
-            dataset = dataset.select([i for i, k in enumerate(keep) if k])
-        self._data_stats[f"data/{dataset_name}_rows_dropped_max_length"] = float(dropped)
-        return dataset
+        self._data_stats[f"data/{name}_rows_dropped_max_length"] = float(dropped)
+        return fits
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
-            self._signature_columns = ["prompt_ids", "completion_ids", *ROW_TENSOR_COLUMNS]
+            columns = ["prompt_ids", "completion_ids", *ROW_TENSOR_COLUMNS, self.args.length_column_name]
+            self._signature_columns = columns
 
     # ------------------------------------------------------------------------------------- target pass
-    def _precompute_ref_logps(self, dataset: Dataset, name: str, batch_size: int) -> Dataset:
-        """Attach `ref_logps`, `target` and `value` to every row: one no-grad reference pass, then the maths."""
-        if self._precomputed_column in dataset.column_names:
-            return dataset
-        is_train = dataset is self.train_dataset
-        sum_logps, num_tokens = self._reference_logps(dataset, name, batch_size)
+    def _compute_targets_of_every_split(self) -> None:
+        """The target pass of the training split (which fixes the reward statistics), then of each eval split."""
+        args = self.args
+        self.train_dataset = self._precompute_ref_logps(
+            self.train_dataset, "train", args.precompute_ref_batch_size or args.per_device_train_batch_size, True
+        )
+        eval_batch_size = args.precompute_ref_batch_size or args.per_device_eval_batch_size
+        if isinstance(self.eval_dataset, dict):
+            self.eval_dataset = {
+                name: self._precompute_ref_logps(split, name, eval_batch_size)
+                for name, split in self.eval_dataset.items()
+            }
+        elif self.eval_dataset is not None:
+            self.eval_dataset = self._precompute_ref_logps(self.eval_dataset, "eval", eval_batch_size)
+        self._release_ref_model()
+
+    def _precompute_ref_logps(self, dataset: Dataset, name: str, batch_size: int, is_train: bool = False) -> Dataset:
+        """Attach `ref_logps`, `target`, `value` and `length` to every row: one no-grad reference pass (or the cache),
+        then the maths. The training split sets the reward statistics that the eval splits reuse."""
+        fits = self._fits_max_length(dataset, name)
+        scored = dataset if fits.all() else dataset.select(np.flatnonzero(fits))
+        sum_logps, num_tokens = self._reference_logps(scored, name, batch_size)
         ref_logps = self._aggregate(sum_logps, num_tokens)
-        group_ids = torch.tensor(list(dataset["group_key"]), dtype=torch.int64)
+        group_ids = torch.from_numpy(column_numpy(scored, "group_key"))
         rewards, stats = normalize_rewards(
-            torch.tensor(list(dataset["reward"]), dtype=torch.float64),
+            torch.from_numpy(column_numpy(scored, "reward")).to(torch.float64),
             group_ids,
             mode=self.args.reward_normalization,
             stats=None if is_train else self._reward_stats,
@@ -361,9 +406,10 @@ class RPOTrainer(KTOTrainer):
             self._reward_stats = stats
             if stats.constant and self.args.reward_normalization == "global":
                 logger.warning("The training rewards are constant: they are centred but not scaled.")
-        return self._attach_row_targets(dataset, name, ref_logps, rewards, group_ids, is_train)
+        columns, keep = self._row_columns(scored, name, ref_logps, rewards, group_ids, is_train)
+        return self._attach_columns(dataset, name, fits, columns, keep)
 
-    def _attach_row_targets(
+    def _row_columns(
         self,
         dataset: Dataset,
         name: str,
@@ -371,17 +417,18 @@ class RPOTrainer(KTOTrainer):
         rewards: torch.Tensor,
         group_ids: torch.Tensor,
         is_train: bool,
-    ) -> Dataset:
-        """Add the per-row columns the loss reads, from the aggregated reference log-probs and normalised rewards.
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The per-row columns the loss reads, and which rows to keep, from the aggregated reference log-probs and
+        the normalised rewards of `dataset`'s rows.
 
-        RPO adds `ref_logps`, `target` and `value` (and drops sparse rows if asked). A subclass with another
-        objective on the same rows overrides this hook and sets `_precomputed_column` to a column it adds.
+        RPO adds `ref_logps`, `target` and `value` (and drops sparse prompts if asked). A subclass with another
+        objective on the same rows overrides this hook.
         """
         targets = rpo_targets(
             ref_logps,
             rewards,
             group_ids,
-            torch.tensor(list(dataset["completion_key"]), dtype=torch.int64),
+            torch.from_numpy(column_numpy(dataset, "completion_key")),
             beta=self.args.beta,
             estimator=self.args.partition_estimator,
             min_completions_per_prompt=self.args.min_completions_per_prompt,
@@ -391,12 +438,49 @@ class RPOTrainer(KTOTrainer):
         if is_train:
             self._global_value = targets.global_value
         self._record_sparse_counts(name, group_ids, targets)
-        dataset = dataset.add_column("ref_logps", ref_logps.tolist())
-        dataset = dataset.add_column("target", targets.targets.tolist())
-        dataset = dataset.add_column("value", targets.values.tolist())
-        if not bool(targets.keep.all()):
-            dataset = dataset.select(torch.nonzero(targets.keep).flatten().tolist())
-        return dataset
+        self._refuse_extreme_targets(dataset, name, targets.targets, targets.keep)
+        return {"ref_logps": ref_logps, "target": targets.targets, "value": targets.values}, targets.keep
+
+    def _refuse_extreme_targets(self, dataset: Dataset, name: str, targets: torch.Tensor, keep: torch.Tensor) -> None:
+        bad = keep & ~(torch.isfinite(targets) & (targets.abs() <= _MAX_TARGET))
+        if bad.any():
+            rows = np.unique(column_numpy(dataset, "source_row")[bad.numpy()])
+            largest = targets[keep].abs().max().item()
+            raise ValueError(
+                f"The RPO targets of {describe_rows(rows, len(rows))} of the {name} dataset are not finite or too "
+                f"large for float32 training (largest |target| {largest:.3g}; targets are (r − V̂)/τ, in nats). "
+                "Normalise the rewards (`reward_normalization='global'`), rescale the 'reward' column, or raise "
+                "`beta`."
+            )
+
+    def _attach_columns(
+        self, dataset: Dataset, name: str, fits: np.ndarray, columns: dict[str, torch.Tensor], keep: torch.Tensor
+    ) -> Dataset:
+        """Add the columns (computed for the rows that fit) to the whole tokenised split, then keep the rows that fit
+        and that `keep` retains. Adding before selecting leaves the split's Arrow table as is: `add_column` on a
+        selection would first rewrite every column of the selected rows."""
+        for column, values in columns.items():
+            full = np.full(len(dataset), np.nan)
+            full[fits] = values.numpy()
+            dataset = dataset.add_column(column, full)
+        dataset = dataset.add_column(self.args.length_column_name, self._model_input_lengths(dataset))
+        kept = np.flatnonzero(fits)[keep.numpy()]
+        if len(kept) == 0:
+            raise ValueError(
+                f"No row of the {name} dataset is left to train on: `sparse_prompt_strategy='drop'` dropped every "
+                f"prompt, each having fewer than {self.args.min_completions_per_prompt} distinct completions. Add "
+                "completions per prompt, lower `min_completions_per_prompt`, or use "
+                "`sparse_prompt_strategy='global_baseline'`."
+            )
+        return dataset if len(kept) == len(dataset) else dataset.select(kept)
+
+    def _model_input_lengths(self, dataset: Dataset) -> np.ndarray:
+        """Tokens the model reads per row after truncation (what `train_sampling_strategy='group_by_length'` sorts)."""
+        prompt, completion = list_lengths(dataset, "prompt_ids"), list_lengths(dataset, "completion_ids")
+        max_length = self.args.max_length or np.iinfo(np.int64).max
+        if self.is_encoder_decoder:
+            return np.minimum(prompt, max_length) + np.minimum(completion, max_length)
+        return np.minimum(prompt + completion, max_length)
 
     def _record_sparse_counts(self, name: str, group_ids: torch.Tensor, targets) -> None:
         sparse_rows = int(targets.sparse.sum())
@@ -415,55 +499,112 @@ class RPOTrainer(KTOTrainer):
     def _reference_logps(self, dataset: Dataset, name: str, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed reference log-probs and completion-token counts per row, from the cache or one no-grad pass.
 
-        Both aggregations derive from (sum, count), so the cache depends only on the data, the reference and
-        `max_length`; RPO's settings are applied afterwards, which takes well under a second.
+        Both aggregations derive from (sum, count), so the cache holds only what the reference determines; RPO's
+        settings are applied afterwards, which takes well under a second.
         """
-        fingerprint = [
-            Hasher.hash((_CACHE_VERSION, dataset._fingerprint, self._precompute_model_hash, self.args.max_length))
-        ]
-        broadcast_object_list(fingerprint, from_process=0)
-        cache_file = os.path.join(_cache_dir(dataset), f"{fingerprint[0]}.pt")
+        model = self._reference_model()
+        log = self.target_pass_log.setdefault(name, {"cache": "off", "rows_scored_here": 0})
+        cache_file = self._cache_file(dataset, model) if self.args.cache_ref_log_probs else None
         cached = [None]
-        if self.accelerator.is_main_process and os.path.exists(cache_file):
-            cached[0] = torch.load(cache_file, weights_only=True)
+        if cache_file is not None and self.accelerator.is_main_process:
+            cached[0] = reference_cache.load(cache_file)
         broadcast_object_list(cached, from_process=0)  # one decision for all ranks, even without a shared disk
         if cached[0] is not None:
-            logger.info(f"Reusing the reference log-probs of the {name} dataset cached in {cache_file}.")
+            log["cache"] = "hit"
+            logger.info(f"Reference log-probs of the {name} dataset: cache hit, read from {cache_file}.")
             return cached[0]["sum_logps"], cached[0]["num_tokens"]
-        sum_logps, num_tokens = self._reference_pass(dataset, name, batch_size)
-        if self.accelerator.is_main_process:
-            os.makedirs(os.path.dirname(cache_file), exist_ok=True)
-            torch.save({"sum_logps": sum_logps, "num_tokens": num_tokens}, cache_file)
-        self.accelerator.wait_for_everyone()
+        sum_logps, num_tokens = self._reference_pass(model, dataset, name, batch_size)
+        if cache_file is not None:
+            log["cache"] = "miss"
+            if self.accelerator.is_main_process:
+                reference_cache.save(cache_file, {"sum_logps": sum_logps, "num_tokens": num_tokens})
+            logger.info(
+                f"Reference log-probs of the {name} dataset: cache miss, computed and written to {cache_file}."
+            )
+            self.accelerator.wait_for_everyone()
         return sum_logps, num_tokens
 
-    def _reference_pass(self, dataset: Dataset, name: str, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        columns = ["prompt_ids", "completion_ids"]
+    def _reference_model(self) -> torch.nn.Module:
+        """The module whose forward gives ℓ_ref: the explicit reference, or the policy before its first update
+        (adapter disabled under PEFT), prepared for DeepSpeed or FSDP like the policy will be."""
+        if self._ref_model_released:
+            raise ValueError(
+                "The explicit `ref_model` was released after the target pass (training does not need it). To compute "
+                "targets for a dataset passed to `evaluate()` later, build the trainer with `keep_ref_model=True`, or "
+                "pass the dataset as `eval_dataset` when building the trainer."
+            )
+        if self.ref_model is not None:
+            return self.ref_model
+        if self.is_deepspeed_enabled:
+            # The policy is not prepared yet (ZeRO-3 shards it): wrap it once in an inference engine, as KTO does.
+            if self._precompute_engine is None:
+                self._precompute_engine = prepare_deepspeed(self.model, self.accelerator)
+            return self._precompute_engine
+        if self.is_fsdp_enabled and len(self.accelerator._models) == 0:
+            # Shard the policy now, as `Trainer.evaluation_loop` does before training: the unprepared model can hold
+            # no real weights on ranks > 0 (`fsdp_cpu_ram_efficient_loading`). `train()` then reuses the sharding.
+            self.model = self.model_wrapped = self.accelerator.prepare(self.model)
+        return self.model
+
+    def _cache_file(self, dataset: Dataset, model: torch.nn.Module) -> str:
+        """`<cache dir>/<key>.pt`, the key digesting all that determines ℓ_ref (see `trl_rpo.reference_cache`)."""
+        if self._ref_weights_digest is None:
+            # Under PEFT the reference is the frozen part (base, and a frozen "ref" adapter); else every weight.
+            unwrapped = self.accelerator.unwrap_model(model)
+            peft = self.ref_model is None and is_peft_model(unwrapped)
+            frozen = (lambda name, param: not param.requires_grad) if peft else None
+            self._ref_weights_digest = reference_cache.weights_digest(unwrapped, frozen)
+        config = self.accelerator.unwrap_model(model).config
+        key = reference_cache.cache_key(
+            weights=self._ref_weights_digest,
+            config=reference_cache.config_digest(config),
+            attn_implementation=getattr(config, "_attn_implementation", None),
+            autocast=self.accelerator.mixed_precision,
+            max_length=self.args.max_length,
+            encoder_decoder=self.is_encoder_decoder,
+            pad_token_id=getattr(self.data_collator, "pad_token_id", None),
+            tokens=token_ids_digest(dataset),
+        )
+        key = [key]
+        broadcast_object_list(key, from_process=0)
+        return os.path.join(_cache_dir(dataset), f"{key[0]}.pt")
+
+    def _reference_pass(
+        self, model: torch.nn.Module, dataset: Dataset, name: str, batch_size: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One no-grad pass of `model` over `dataset`, its rows sharded across processes, gathered on every rank."""
         loader = DataLoader(
-            dataset.select_columns(columns),
+            dataset.select_columns(["prompt_ids", "completion_ids"]),
             batch_size=batch_size,
             collate_fn=self.data_collator,
             num_workers=self.args.dataloader_num_workers,
             shuffle=False,
         )
         loader = self.accelerator.prepare(loader)
-        if self.ref_model is None and self.is_deepspeed_enabled:
-            # The policy is not prepared yet (ZeRO-3 shards it): wrap it once in an inference engine, as KTO does.
-            if self._precompute_engine is None:
-                self._precompute_engine = prepare_deepspeed(self.model, self.accelerator)
-            model = self._precompute_engine
-        else:
-            model = self.ref_model or self.model
         was_training = model.training
         model.eval()  # the reference is evaluated without dropout, whatever `disable_dropout` says
         sums, counts = [], []
-        for batch in tqdm(loader, desc=f"Computing reference log-probs for the {name} dataset"):
-            sum_logps, num_tokens = self._reference_batch_logps(model, batch)
-            sum_logps, num_tokens = self.accelerator.gather_for_metrics((sum_logps, num_tokens))
-            sums.append(sum_logps.double().cpu())
-            counts.append(num_tokens.cpu())
+        log = self.target_pass_log.setdefault(name, {"cache": "off", "rows_scored_here": 0})
+        with trainable_bnb_layout(model):
+            for batch in tqdm(loader, desc=f"Computing reference log-probs for the {name} dataset"):
+                sum_logps, num_tokens = self._reference_batch_logps(model, batch)
+                log["rows_scored_here"] += len(sum_logps)  # this rank's shard (padded to equal batches)
+                sum_logps, num_tokens = self.accelerator.gather_for_metrics((sum_logps, num_tokens))
+                sums.append(sum_logps.double().cpu())
+                counts.append(num_tokens.cpu())
         model.train(was_training)
         return torch.cat(sums), torch.cat(counts).double()
+
+    def _release_ref_model(self) -> None:
+        """An explicit `ref_model` is only read by the target pass: let it go (off the accelerator, and out of this
+        trainer) unless `keep_ref_model=True`. Your own handle to it, if you keep one, still holds it in memory."""
+        if self.ref_model is None or self.args.keep_ref_model:
+            return
+        if not (self.is_deepspeed_enabled or self.is_fsdp_enabled):  # sharded engines are freed with the trainer's ref
+            self.accelerator.unwrap_model(self.ref_model).to("cpu")
+        self.ref_model = None
+        self._ref_model_released = True
+        clear_device_cache(garbage_collection=True)
 
     # ---------------------------------------------------------------------------------------- the loss
     def _completion_logps(self, model, batch: dict[str, torch.Tensor], with_entropy: bool = False):
@@ -507,7 +648,8 @@ class RPOTrainer(KTOTrainer):
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
         batch = {k: (v.to(self.accelerator.device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
-        sum_logps, num_tokens, entropy, outputs = self._completion_logps(model, batch, with_entropy=True)
+        with contextlib.nullcontext() if mode == "train" else trainable_bnb_layout(model):
+            sum_logps, num_tokens, entropy, outputs = self._completion_logps(model, batch, with_entropy=True)
         policy_logps = self._aggregate(sum_logps, num_tokens)
         loss, row = self._loss_from_logps(batch, policy_logps, outputs)
         if self.aux_loss_enabled:
@@ -546,9 +688,12 @@ class RPOTrainer(KTOTrainer):
         metrics["rewards/implicit"].append(self.args.beta * log_ratio.mean().item())
         metrics["_residual_sq"].append(residual.pow(2).mean().item())
         metrics["entropy"].append((entropy.sum() / completion_tokens.sum().clamp(min=1)).item())
-        agree, pairs = pairwise_ranking_counts(log_ratio, reward, groups)  # τ > 0: same order as τ·log-ratio
-        self._pair_counts[mode][0] += agree.item()
-        self._pair_counts[mode][1] += pairs.item()
+        if mode == "eval":  # ranked over the whole split at `log`, not only pairs that share a batch
+            self._eval_rows.append(torch.stack([log_ratio.double(), reward.double(), groups.double()], dim=1))
+        else:
+            agree, pairs = pairwise_ranking_counts(log_ratio, reward, groups)  # τ > 0: same order as τ·log-ratio
+            self._pair_counts[mode][0] += agree.item()
+            self._pair_counts[mode][1] += pairs.item()
         if mode == "train":
             self._total_train_tokens += int(tokens.sum().item()) // self._tp_size
         metrics["num_tokens"] = [self._total_train_tokens]
@@ -558,6 +703,11 @@ class RPOTrainer(KTOTrainer):
         metrics = {key: sum(val) / len(val) for key, val in self._metrics[mode].items() if val}
         if "_residual_sq" in metrics:  # the root of the mean square, not a mean of per-batch roots
             metrics["residual_rms"] = metrics.pop("_residual_sq") ** 0.5
+        if mode == "eval" and self._eval_rows:
+            log_ratio, reward, groups = torch.cat(self._eval_rows).unbind(1)
+            agree, pairs = pairwise_ranking_counts(log_ratio, reward, groups)
+            self._pair_counts["eval"] = [agree.item(), pairs.item()]
+            self._eval_rows = []
         agree, pairs = self._pair_counts[mode]
         if pairs > 0:
             metrics["rewards/accuracies"] = agree / pairs
@@ -577,35 +727,27 @@ class RPOTrainer(KTOTrainer):
         return super().evaluation_loop(*args, metric_key_prefix=metric_key_prefix, **kwargs)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        raw = eval_dataset is not None and not isinstance(eval_dataset, str)
-        if raw and self.ref_model is None and not is_peft_model(self.model) and self.state.global_step > 0:
+        """Evaluate the eval split(s) given at construction, a name among them, or new dataset(s), whose targets are
+        then computed here with the training split's reward statistics."""
+        if eval_dataset is None or isinstance(eval_dataset, str):
+            return super(KTOTrainer, self).evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        splits = eval_dataset.items() if isinstance(eval_dataset, dict) else [("eval", eval_dataset)]
+        for name, split in splits:
+            _refuse_iterable(split, name)
+        if self.ref_model is None and not is_peft_model(self.model) and self.state.global_step > 0:
             raise ValueError(
                 "Cannot compute RPO targets for a dataset passed to `evaluate()` after training started: with full "
                 "fine-tuning and no `ref_model`, the reference is the initial policy, which only exists before the "
                 "first update. Pass the dataset as `eval_dataset` when building the trainer, or pass a `ref_model`."
             )
-        return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
-
-
-def _tokenize_row(example: dict, processing_class) -> dict:
-    """Tokenise like TRL's KTOTrainer, and add the group key (the tokenised prompt) and a completion key."""
-    template_kwargs = {"tools": example.get("tools"), **(example.get("chat_template_kwargs") or {})}
-    if is_conversational(example):
-        prompt_ids = _tokenize(processing_class, example["prompt"], add_generation_prompt=True, **template_kwargs)
-        full_ids = _tokenize(processing_class, example["prompt"] + example["completion"], **template_kwargs)
-    else:
-        prompt_ids = _tokenize(processing_class, example["prompt"])
-        full_ids = _tokenize(processing_class, example["prompt"] + example["completion"])
-    prompt_ids, full_ids = prompt_ids["input_ids"], full_ids["input_ids"]
-    # The completion starts where the two tokenisations diverge (chat templates or BPE merges across the boundary).
-    prompt_len = common_prefix_length(prompt_ids, full_ids)
-    group_key = _ids_key(prompt_ids)  # the whole tokenised prompt, so a boundary merge cannot split a group
-    return {
-        "prompt_ids": full_ids[:prompt_len],
-        "completion_ids": full_ids[prompt_len:],
-        "group_key": group_key,
-        "completion_key": _ids_key(prompt_ids, full_ids[prompt_len:]),
-    }
+        batch_size = self.args.precompute_ref_batch_size or self.args.per_device_eval_batch_size
+        metrics = {}
+        for name, split in splits:
+            split = self._prepare_dataset(split, self.processing_class, self.args, name)
+            split = self._precompute_ref_logps(split, name, batch_size)
+            prefix = metric_key_prefix if not isinstance(eval_dataset, dict) else f"{metric_key_prefix}_{name}"
+            metrics |= super(KTOTrainer, self).evaluate(split, ignore_keys, prefix)
+        return metrics
 
 
 # Above this many logits (completion tokens x vocabulary; 256 MB in fp32) the CPU head goes back to TRL's tiles.
@@ -670,28 +812,6 @@ def _completion_only_lm_head(with_entropy: bool):
         _CompletionHeadOffAccelerator.keep = None
 
 
-def _tokenize_seq2seq_row(example: dict, processing_class) -> dict:
-    """Encoder-decoder rows: the prompt feeds the encoder, the completion plus EOS is the decoder's target."""
-    tokenizer = getattr(processing_class, "tokenizer", processing_class)
-    if is_conversational(example):
-        template_kwargs = {"tools": example.get("tools"), **(example.get("chat_template_kwargs") or {})}
-        prompt_ids = _tokenize(processing_class, example["prompt"], add_generation_prompt=True, **template_kwargs)
-        completion = "".join(message["content"] for message in example["completion"])
-    else:
-        prompt_ids = _tokenize(processing_class, example["prompt"])
-        completion = example["completion"]
-    prompt_ids = prompt_ids["input_ids"]
-    completion_ids = tokenizer(completion)["input_ids"]  # T5's tokenizer appends </s>; others may not
-    if not completion_ids or completion_ids[-1] != tokenizer.eos_token_id:
-        completion_ids = completion_ids + [tokenizer.eos_token_id]
-    return {
-        "prompt_ids": prompt_ids,
-        "completion_ids": completion_ids,
-        "group_key": _ids_key(prompt_ids),
-        "completion_key": _ids_key(prompt_ids, completion_ids),
-    }
-
-
 def _is_encoder_decoder(model, args: RPOConfig) -> bool:
     if isinstance(model, str):
         revision = (args.model_init_kwargs or {}).get("revision")
@@ -704,9 +824,9 @@ def _is_encoder_decoder(model, args: RPOConfig) -> bool:
 def _refuse_iterable(dataset, name: str) -> None:
     if isinstance(dataset, IterableDataset | IterableDatasetDict):
         raise ValueError(
-            f"The {name} dataset is an `IterableDataset`, but RPO must see every completion of a prompt before "
-            "training to estimate V̂(x). Use a map-style `Dataset` instead (e.g. `load_dataset(..., streaming=False)`)"
-            ": `datasets` memory-maps it from disk, so it works at any size."
+            f"The {name} dataset is an `IterableDataset`, but RPO must see every completion of a prompt to estimate "
+            "V̂(x) before computing its targets. Use a map-style `Dataset` instead (e.g. "
+            "`load_dataset(..., streaming=False)`): `datasets` memory-maps it from disk, so it works at any size."
         )
 
 
