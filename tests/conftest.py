@@ -34,8 +34,10 @@ def tokenizer():
 
 @pytest.fixture(autouse=True)
 def isolated_datasets_cache(tmp_path, monkeypatch):
-    """Each test gets its own cache of reference log-probs, so no test sees another's."""
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_datasets_cache"))
+    """Each test, and every process it starts, gets its own `datasets` cache, so no test sees another's files."""
+    cache = str(tmp_path / "hf_datasets_cache")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+    monkeypatch.setenv("HF_DATASETS_CACHE", cache)
 
 
 @pytest.fixture
@@ -52,6 +54,8 @@ def make_args(tmp_path):
             "save_strategy": "no",
             "disable_tqdm": True,
             "bf16": False,  # the tests check maths to 1e-5; bf16 is checked by benchmarks/gpu_check.py
+            # Every target pass runs its reference forward: the cache is tested where its name says so.
+            "cache_ref_log_probs": False,
         }
         return config_class(**{**defaults, **kwargs})
 

@@ -171,3 +171,83 @@ def test_constant_reward_is_centred_not_scaled(model_dir, make_args, caplog):
     assert "constant" in caplog.text
     targets = torch.tensor(list(trainer.train_dataset["target"]))
     assert torch.isfinite(targets).all()
+
+
+# ------------------------------------------------------------------------------------ SPEC §3, the holes
+def test_sparse_drop_of_every_row_is_an_error_at_construction(model_dir, make_args):
+    rows = {"prompt": ["a =", "b =", "c ="], "completion": [" 1", " 2", " 3"], "reward": [1.0, 0.0, 2.0]}
+    with pytest.raises(ValueError, match=r"No row of the train dataset is left.*sparse_prompt_strategy='drop'"):
+        RPOTrainer(model_dir, args=make_args(sparse_prompt_strategy="drop"), train_dataset=Dataset.from_dict(rows))
+
+
+def test_evaluate_refuses_an_iterable_dataset(model_dir, make_args, reward_dataset):
+    trainer = RPOTrainer(model_dir, args=make_args(), train_dataset=reward_dataset)
+    stream = IterableDataset.from_generator(lambda: iter(reward_dataset))
+    with pytest.raises(ValueError, match="The eval dataset is an `IterableDataset`.*map-style `Dataset`"):
+        trainer.evaluate(stream)
+    with pytest.raises(ValueError, match="The held_out dataset is an `IterableDataset`"):
+        trainer.evaluate({"held_out": stream})
+
+
+@pytest.mark.parametrize("reward", [1e300, 1e20])
+def test_targets_that_overflow_float32_are_an_error(model_dir, make_args, reward):
+    """One raw reward (no normalisation) of 1e20 in row 4 sets its prompt's V̂ to about 1e20, so the prompt's other
+    rows (3 and 5) get targets near −1e22 nats (τ = 0.01), whose square is inf in float32 (1e300: near −1e302). The
+    error names those rows and the fix instead of training on inf."""
+    rows = reward_rows(num_prompts=2)
+    rows["reward"][4] = reward  # row 4: the second prompt's middle completion
+    args = make_args(reward_normalization="none", beta=0.01)
+    with pytest.raises(ValueError, match=r"targets of 2 row\(s\) \(indices 3, 5\).*reward_normalization='global'"):
+        RPOTrainer(model_dir, args=args, train_dataset=Dataset.from_dict(rows))
+
+
+def test_list_valued_reward_is_an_error():
+    with pytest.raises(ValueError, match="'reward' of the train dataset holds lists, not one real number per row"):
+        to_reward_rows(_rows(reward=[[1.0, 2.0], [0.0], [3.0]]), "train")
+
+
+def test_empty_prompt_is_an_error_naming_the_row(model_dir, make_args):
+    """The tiny tokenizer adds no BOS: an empty prompt leaves the first completion token with nothing before it."""
+    rows = reward_rows(num_prompts=2)
+    rows["prompt"][4] = ""
+    with pytest.raises(ValueError, match=r"'prompt' .* tokenises to no token in 1 row\(s\) \(indices 4\)"):
+        RPOTrainer(model_dir, args=make_args(), train_dataset=Dataset.from_dict(rows))
+
+
+def test_group_by_length_batches_rows_of_similar_length(model_dir, make_args):
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    rows = reward_rows(num_prompts=4)
+    for j in range(0, 12, 3):  # every prompt's first completion is long
+        rows["completion"][j] = " and".join([" the answer is"] * 6)
+    args = make_args(train_sampling_strategy="group_by_length", per_device_train_batch_size=4, max_steps=1)
+    trainer = RPOTrainer(model_dir, args=args, train_dataset=Dataset.from_dict(rows))
+    data = trainer.train_dataset
+    pairs = zip(data["prompt_ids"], data["completion_ids"], strict=True)
+    expected = [min(len(p) + len(c), args.max_length) for p, c in pairs]
+    assert list(data["length"]) == expected
+    sampler = trainer._get_train_sampler(trainer._remove_unused_columns(data))
+    assert isinstance(sampler, LengthGroupedSampler)
+    assert list(sampler.lengths) == expected  # the sampler sorts by the tokens each row feeds the model
+    assert next(iter(sampler)) in {0, 3, 6, 9}  # and leads with a longest row
+    trainer.train()
+
+
+def test_errors_name_the_users_rows_of_paired_data(model_dir, make_args, caplog):
+    """Pairs expand to two rows each; a problem in pair 2 is reported as row 2, not as expanded row 4 or 5."""
+    pairs = {
+        "prompt": ["1 + 1 =", "2 + 2 =", "long " * 40, "3 + 3 ="],
+        "chosen": [" 2", " 4", " 9", " 6"],
+        "rejected": [" 3", " 5", " 8", " 7"],
+    }
+    with caplog.at_level(logging.WARNING):
+        RPOTrainer(model_dir, args=make_args(max_length=24), train_dataset=Dataset.from_dict(pairs))
+    assert "Dropped 2 of 8 rows of the train dataset whose prompt fills `max_length=24` (1 row(s) (indices 2)" in (
+        caplog.text
+    )
+    scores = {"score_chosen": [1.0, 1e22, 0.0, 1.0], "score_rejected": [0.0, 0.0, 0.0, 0.0]}
+    pairs["prompt"][2] = "4 + 4 ="
+    with pytest.raises(ValueError, match=r"targets of 1 row\(s\) \(indices 1\)"):
+        RPOTrainer(
+            model_dir, args=make_args(reward_normalization="none"), train_dataset=Dataset.from_dict(pairs | scores)
+        )

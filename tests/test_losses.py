@@ -457,6 +457,25 @@ def test_pairwise_ranking_counts():
     assert correct.is_floating_point()
 
 
+def test_pairwise_ranking_counts_match_a_double_loop_in_chunks(monkeypatch):
+    """Groups of many sizes, shuffled rows, integer rewards (ties) and chunks of a few pairs: the same counts as
+    comparing every pair of rows."""
+    monkeypatch.setattr(losses, "_PAIR_CHUNK", 7)
+    gen = torch.Generator().manual_seed(0)
+    g = torch.repeat_interleave(torch.arange(9), torch.tensor([1, 2, 2, 3, 5, 5, 8, 1, 13]))
+    g = g[torch.randperm(g.numel(), generator=gen)]
+    r = torch.randint(0, 4, (g.numel(),), generator=gen).double()
+    s = torch.randint(0, 3, (g.numel(),), generator=gen).double()
+    correct = total = 0
+    for i in range(g.numel()):
+        for j in range(i + 1, g.numel()):
+            if g[i] == g[j] and r[i] != r[j]:
+                total += 1
+                correct += int(torch.sign(s[i] - s[j]) == torch.sign(r[i] - r[j]))
+    assert total > 20
+    assert tuple(c.item() for c in losses.pairwise_ranking_counts(s, r, g)) == (correct, total)
+
+
 # 11. light import --------------------------------------------------------------------------------------------------
 
 

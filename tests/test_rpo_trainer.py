@@ -159,19 +159,6 @@ def test_batch_size_one_and_random_sampling(model_dir, make_args, reward_dataset
     trainer.train()
 
 
-def test_target_cache_is_reused(model_dir, make_args, reward_dataset, monkeypatch):
-    first = RPOTrainer(model_dir, args=make_args(), train_dataset=reward_dataset)
-
-    def fail(*args, **kwargs):
-        raise AssertionError("the reference pass ran again instead of reusing the cache")
-
-    monkeypatch.setattr(RPOTrainer, "_reference_pass", fail)
-    second = RPOTrainer(model_dir, args=make_args(beta=2.0), train_dataset=reward_dataset)
-    assert list(second.train_dataset["ref_logps"]) == list(first.train_dataset["ref_logps"])
-    # The cache holds reference log-probs only: new RPO settings give new targets from them.
-    assert list(second.train_dataset["target"]) != list(first.train_dataset["target"])
-
-
 def test_evaluate_on_a_raw_dataset(model_dir, make_args, reward_dataset):
     trainer = RPOTrainer(model_dir, args=make_args(), train_dataset=reward_dataset)
     metrics = trainer.evaluate(Dataset.from_dict(reward_rows(num_prompts=2)))
@@ -183,11 +170,32 @@ def test_evaluate_on_a_raw_dataset(model_dir, make_args, reward_dataset):
         trainer.evaluate(reward_dataset)
 
 
-def test_evaluate_raw_dataset_after_training_with_lora(model_dir, make_args, reward_dataset):
-    peft_config = LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM")
+def _capture_target_passes(trainer, monkeypatch) -> dict:
+    """Record the splits `evaluate()` prepares, by name, as they come out of the target pass."""
+    seen, real = {}, type(trainer)._precompute_ref_logps
+
+    def spy(self, dataset, name, batch_size, is_train=False):
+        seen[name] = real(self, dataset, name, batch_size, is_train)
+        return seen[name]
+
+    monkeypatch.setattr(type(trainer), "_precompute_ref_logps", spy)
+    return seen
+
+
+def test_evaluate_new_split_after_lora_training_uses_the_base_model(model_dir, make_args, reward_dataset, monkeypatch):
+    """A split first seen after training is scored by the base with the adapter disabled, not by the trained policy."""
+    peft_config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     trainer = RPOTrainer(model_dir, args=make_args(), train_dataset=reward_dataset, peft_config=peft_config)
     trainer.train()
-    assert math.isfinite(trainer.evaluate(reward_dataset)["eval_loss"])
+    seen = _capture_target_passes(trainer, monkeypatch)
+    new_split = Dataset.from_dict(reward_rows(num_prompts=6, completions_per_prompt=2))
+    metrics = trainer.evaluate({"held_out": new_split})
+    assert trainer.target_pass_log["held_out"]["rows_scored_here"] == 12  # its reference pass ran
+    base = RPOTrainer(model_dir, args=make_args(), train_dataset=new_split)  # the bare base model, no adapter
+    torch.testing.assert_close(
+        torch.tensor(list(seen["held_out"]["ref_logps"])), torch.tensor(list(base.train_dataset["ref_logps"]))
+    )
+    assert abs(metrics["eval_held_out_log_ratio"]) > 1e-4  # the adapter did move: the policy is not the reference
 
 
 SPEC_METRICS = {
@@ -294,3 +302,39 @@ def test_gradient_accumulation_gives_the_same_first_update(model_dir, make_args,
         step_a, step_b = updated[0][name] - param, updated[1][name] - param
         assert step_a.abs().max() > 0, name
         torch.testing.assert_close(step_a, step_b, rtol=1e-4, atol=1e-7)
+
+
+def _halved(model_dir):
+    ref_model = AutoModelForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        for p in ref_model.parameters():
+            p.mul_(0.5)
+    return ref_model
+
+
+def test_explicit_ref_model_is_released_after_the_target_pass(model_dir, make_args, reward_dataset, monkeypatch):
+    trainer = RPOTrainer(model_dir, ref_model=_halved(model_dir), args=make_args(), train_dataset=reward_dataset)
+    assert trainer.ref_model is None
+    with pytest.raises(ValueError, match="released after the target pass.*keep_ref_model=True"):
+        trainer.evaluate(Dataset.from_dict(reward_rows(num_prompts=2)))
+    kept = RPOTrainer(
+        model_dir, ref_model=_halved(model_dir), args=make_args(keep_ref_model=True), train_dataset=reward_dataset
+    )
+    seen = _capture_target_passes(kept, monkeypatch)
+    kept.evaluate(reward_dataset)
+    # the new split is scored by the kept reference: the same values as the training split's, row for row
+    assert list(seen["eval"]["ref_logps"]) == pytest.approx(list(kept.train_dataset["ref_logps"]), abs=1e-6)
+
+
+def test_eval_accuracy_ranks_every_pair_of_the_split(model_dir, make_args, reward_dataset):
+    """With an eval batch of one row, no pair shares a batch; the metric still ranks every within-prompt pair with
+    different rewards (2 per prompt here: the two near misses tie), so it moves in steps of 1/8, and equals the value
+    of a single batch holding the whole split."""
+    accuracies = []
+    for batch_size in (12, 1):
+        args = make_args(per_device_eval_batch_size=batch_size, keep_ref_model=True)
+        trainer = RPOTrainer(model_dir, ref_model=_halved(model_dir), args=args, train_dataset=reward_dataset)
+        accuracies.append(trainer.evaluate(reward_dataset)["eval_rewards/accuracies"])  # absent if no pair is seen
+    assert accuracies[1] == accuracies[0]
+    assert (8 * accuracies[0]) == pytest.approx(round(8 * accuracies[0]))
+    assert 0 < accuracies[0] < 1  # a reference unlike the policy orders some pairs right and some wrong

@@ -37,7 +37,7 @@ PASSTHROUGH_COLUMNS = ("tools", "chat_template_kwargs")
 # Columns a trainer adds (TRL's KTO ones included): recomputed, never read from the input.
 DERIVED_COLUMNS = (
     "source_row", "prompt_ids", "completion_ids", "group_key", "completion_key", "ref_logps", "target", "value",
-    "reward_z", "KL_completion_ids", "ref_KL_logps",
+    "reward_z", "length", "KL_completion_ids", "ref_KL_logps",
 )  # fmt: skip
 FORMATS_HELP = (
     "RPO accepts `prompt`/`completion`/`reward` (float), `prompt`/`completion`/`label` (bool, KTO format) or "

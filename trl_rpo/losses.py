@@ -47,6 +47,8 @@ LOGPS_AGGREGATIONS = ("mean", "sum")
 
 # A std this small relative to the mean is rounding noise of a constant column, not signal.
 _CONSTANT_RTOL = 1e-12
+# Pair comparisons held in memory at once by `pairwise_ranking_counts` (booleans and floats: ~100 MB).
+_PAIR_CHUNK = 1 << 22
 
 
 class RewardStats(NamedTuple):
@@ -341,12 +343,30 @@ def pairwise_ranking_counts(implicit_rewards: Tensor, rewards: Tensor, group_ids
     r"""``(correct, total)`` over same-group pairs ``i < j`` with ``r_i != r_j``.
 
     A pair is correct when ``sign(s_i - s_j) = sign(r_i - r_j)`` for the implicit rewards ``s``; a tie in ``s``
-    is wrong. Returns 0-dim float32 tensors (summable across processes before dividing).
+    is wrong. Returns 0-dim float32 tensors (summable across processes before dividing). Memory grows with the
+    pairs inside groups, not with the square of the rows: groups of one size are compared together, in chunks.
     """
     s = implicit_rewards.detach()
     r, g = rewards.detach().to(s.device), group_ids.to(s.device)
-    pairs = torch.ones(r.numel(), r.numel(), dtype=torch.bool, device=s.device).triu(diagonal=1)
-    d_r = r[:, None] - r[None, :]
-    valid = pairs & (g[:, None] == g[None, :]) & (d_r != 0)
-    correct = valid & (torch.sign(s[:, None] - s[None, :]) == torch.sign(d_r))
-    return correct.sum().to(torch.float32), valid.sum().to(torch.float32)
+    correct = torch.zeros((), dtype=torch.float32, device=s.device)
+    total = torch.zeros_like(correct)
+    if s.numel() == 0:
+        return correct, total
+    _, dense, counts = torch.unique(g, return_inverse=True, return_counts=True)
+    size = counts[dense]
+    order = torch.argsort(size * counts.numel() + dense)  # rows by group size, then group: each group contiguous
+    s, r, size = s[order], r[order], size[order]
+    for k in torch.unique(size).tolist():
+        if k < 2:
+            continue
+        same_size = size == k
+        scores, targets = s[same_size].view(-1, k), r[same_size].view(-1, k)
+        upper = torch.ones(k, k, dtype=torch.bool, device=s.device).triu(diagonal=1)
+        step = max(1, _PAIR_CHUNK // (k * k))
+        for start in range(0, scores.size(0), step):
+            d_s = scores[start : start + step, :, None] - scores[start : start + step, None, :]
+            d_r = targets[start : start + step, :, None] - targets[start : start + step, None, :]
+            valid = upper & (d_r != 0)
+            correct += (valid & (torch.sign(d_s) == torch.sign(d_r))).sum()
+            total += valid.sum()
+    return correct, total

@@ -1,0 +1,156 @@
+"""The reference-log-prob cache (SPEC §5): keyed by what determines ℓ_ref, so it never answers for another reference,
+dtype, attention implementation, truncation or tokenisation; written atomically; logged; switchable off."""
+
+import logging
+import os
+
+import datasets
+import pytest
+import torch
+from conftest import conversational, reward_rows
+from datasets import Dataset
+from transformers import AutoModelForCausalLM
+
+from trl_rpo import RPOTrainer, reference_cache
+from trl_rpo._tiny import build_causal_lm, build_tokenizer
+
+
+def _cached(make_args, **kwargs):
+    return make_args(cache_ref_log_probs=True, **kwargs)
+
+
+def _cache_files(tmp_path) -> list[str]:
+    folder = tmp_path / "hf_datasets_cache" / "trl_rpo"
+    return sorted(os.listdir(folder)) if folder.exists() else []
+
+
+def _ref_logps(trainer) -> list[float]:
+    return list(trainer.train_dataset["ref_logps"])
+
+
+@pytest.fixture(scope="module")
+def other_model_dir(tmp_path_factory) -> str:
+    """The tiny Llama's architecture and tokenizer with other weights (another seed)."""
+    tokenizer = build_tokenizer()
+    folder = tmp_path_factory.mktemp("tiny-llama-seed1")
+    build_causal_lm(tokenizer, seed=1).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def test_hit_reuses_the_logps_and_recomputes_the_targets(model_dir, make_args, reward_dataset, monkeypatch, tmp_path):
+    first = RPOTrainer(model_dir, args=_cached(make_args), train_dataset=reward_dataset)
+    assert first.target_pass_log["train"] == {"cache": "miss", "rows_scored_here": 12}
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the reference pass ran again instead of reusing the cache")
+
+    monkeypatch.setattr(RPOTrainer, "_reference_pass", fail)
+    second = RPOTrainer(model_dir, args=_cached(make_args, beta=2.0), train_dataset=reward_dataset)
+    assert second.target_pass_log["train"]["cache"] == "hit"
+    assert _ref_logps(second) == _ref_logps(first)
+    # The cache holds reference log-probs only: new RPO settings give new targets from them.
+    assert list(second.train_dataset["target"]) != list(first.train_dataset["target"])
+    assert len(_cache_files(tmp_path)) == 1
+
+
+def test_two_models_of_one_architecture_get_their_own_values(model_dir, other_model_dir, make_args, reward_dataset):
+    """Same data, same cache folder, different weights: each reference gets its own log-probs."""
+    a = RPOTrainer(model_dir, args=_cached(make_args), train_dataset=reward_dataset)
+    b = RPOTrainer(other_model_dir, args=_cached(make_args), train_dataset=reward_dataset)
+    assert b.target_pass_log["train"]["cache"] == "miss"
+    uncached = RPOTrainer(other_model_dir, args=make_args(), train_dataset=reward_dataset)
+    assert uncached.target_pass_log["train"]["cache"] == "off"
+    assert _ref_logps(b) == _ref_logps(uncached)
+    assert _ref_logps(b) != _ref_logps(a)
+    again = RPOTrainer(model_dir, args=_cached(make_args), train_dataset=reward_dataset)
+    assert again.target_pass_log["train"]["cache"] == "hit"
+    assert _ref_logps(again) == _ref_logps(a)
+
+
+def test_an_explicit_ref_model_that_moved_is_a_new_key(model_dir, make_args, reward_dataset):
+    def reference(scale: float):
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        with torch.no_grad():
+            model.model.layers[0].mlp.down_proj.weight.mul_(scale)  # one matrix of one layer
+        return model
+
+    plain = RPOTrainer(model_dir, ref_model=reference(1.0), args=_cached(make_args), train_dataset=reward_dataset)
+    moved = RPOTrainer(model_dir, ref_model=reference(3.0), args=_cached(make_args), train_dataset=reward_dataset)
+    assert moved.target_pass_log["train"]["cache"] == "miss"
+    assert _ref_logps(moved) != _ref_logps(plain)
+
+
+EAGER = {"attn_implementation": "eager"}
+
+
+@pytest.mark.parametrize("change", ["max_length", "dtype", "attn_implementation", "autocast", "chat_template"])
+def test_what_changes_the_reference_logps_changes_the_key(model_dir, make_args, change):
+    """One trainer, then another that differs in exactly one thing ℓ_ref depends on: a miss, not the first's values."""
+    dataset = Dataset.from_dict(conversational(reward_rows()))
+    first = RPOTrainer(model_dir, args=_cached(make_args, model_init_kwargs=EAGER), train_dataset=dataset)
+    options, processing_class = {"model_init_kwargs": EAGER}, None
+    if change == "max_length":  # truncates the longest rows' completions, keeps every prompt
+        options["max_length"] = max(first.train_dataset["length"]) - 1
+    elif change == "dtype":
+        options["model_init_kwargs"] = {**EAGER, "dtype": torch.bfloat16}
+    elif change == "attn_implementation":
+        options["model_init_kwargs"] = {"attn_implementation": "sdpa"}
+    elif change == "autocast":
+        options |= {"bf16": True, "use_cpu": True}
+    else:
+        processing_class = build_tokenizer()
+        processing_class.chat_template = "{{ 'Chat: ' }}" + processing_class.chat_template
+    second = RPOTrainer(
+        model_dir, args=_cached(make_args, **options), train_dataset=dataset, processing_class=processing_class
+    )
+    assert second.target_pass_log["train"]["cache"] == "miss"
+    assert len(_cache_files_of(second)) == 2
+
+
+def _cache_files_of(trainer) -> list[str]:
+    folder = os.path.join(datasets.config.HF_DATASETS_CACHE, "trl_rpo")
+    return [name for name in os.listdir(folder) if name.endswith(".pt")]
+
+
+def test_cache_off_writes_nothing(model_dir, make_args, reward_dataset, tmp_path):
+    trainer = RPOTrainer(model_dir, args=make_args(cache_ref_log_probs=False), train_dataset=reward_dataset)
+    assert trainer.target_pass_log["train"] == {"cache": "off", "rows_scored_here": 12}
+    assert _cache_files(tmp_path) == []
+
+
+def test_log_line_says_hit_or_miss_and_where(model_dir, make_args, reward_dataset, caplog, tmp_path):
+    with caplog.at_level(logging.INFO, logger="trl_rpo"):
+        RPOTrainer(model_dir, args=_cached(make_args, log_level="info"), train_dataset=reward_dataset)
+        RPOTrainer(model_dir, args=_cached(make_args, log_level="info"), train_dataset=reward_dataset)
+    (name,) = _cache_files(tmp_path)
+    assert f"train dataset: cache miss, computed and written to {tmp_path}" in caplog.text
+    assert f"train dataset: cache hit, read from {tmp_path}" in caplog.text
+    assert caplog.text.count(name) == 2
+
+
+def test_writes_are_atomic(tmp_path, monkeypatch):
+    path = str(tmp_path / "cache" / "key.pt")
+    reference_cache.save(path, {"sum_logps": torch.ones(3)})
+    assert os.listdir(tmp_path / "cache") == ["key.pt"]  # no temporary file left behind
+
+    def crash(obj, f):
+        f.write(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        reference_cache.save(str(tmp_path / "cache" / "other.pt"), {"sum_logps": torch.ones(3)})
+    assert os.listdir(tmp_path / "cache") == ["key.pt"]  # the interrupted write left neither file nor temp
+    torch.testing.assert_close(reference_cache.load(path)["sum_logps"], torch.ones(3))
+
+
+def test_weights_digest_sees_one_changed_weight(model_dir):
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    before = reference_cache.weights_digest(model)
+    assert reference_cache.weights_digest(AutoModelForCausalLM.from_pretrained(model_dir)) == before
+    with torch.no_grad():
+        model.model.embed_tokens.weight[3, 5] += 1e-3  # flat index 101 of 10,240: off the 1,024 sampled values
+    assert reference_cache.weights_digest(model) != before
+    frozen_only = reference_cache.weights_digest(model, include=lambda name, param: "o_proj" not in name)
+    assert frozen_only != reference_cache.weights_digest(model)
