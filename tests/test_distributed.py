@@ -1,6 +1,9 @@
 """Distributed correctness on CPU (SPEC §5): 2 processes over gloo, and DeepSpeed ZeRO-2/3, through the shipped
 accelerate configs. V̂(x) needs every completion of a prompt, so the targets must be identical on every rank and
-identical to a 1-process run; the first-step loss on the same global batch must match too."""
+identical to a 1-process run; the first-step loss on the same global batch must match too.
+
+Each run has a `datasets` cache of its own, and each rank reports what its target pass did: a cache miss and the
+rows it scored itself, so the sharded reference pass and its gather ran in every multi-process test."""
 
 import json
 import os
@@ -15,18 +18,23 @@ from transformers import AutoModelForCausalLM
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "distributed" / "run_rpo.py"
+DIGEST = ROOT / "tests" / "distributed" / "zero3_digest.py"
 CONFIGS = ROOT / "recipes" / "accelerate_configs"
 
 
-def _run(model_dir, output_dir, *, config=None, env=None, **options) -> list[dict]:
-    if config is None:
-        command = [sys.executable, str(SCRIPT)]
-    else:
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / config)]
+def _run(model_dir, output_dir, *, config=None, env=None, cache=None, script=SCRIPT, **options) -> list[dict]:
+    """Run `script` in 1 process (no `config`) or 2 (`accelerate launch --config_file config`), with the `datasets`
+    cache `cache` (default: a new folder in `output_dir`), and return the per-rank records."""
+    command = [sys.executable]
+    if config is not None:
+        command += ["-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / config)]
         command += ["--num_processes", "2", "--mixed_precision", "no", "--main_process_port", "29517"]
-        command += [str(SCRIPT)]
-    command += [model_dir, str(output_dir), json.dumps(options)]
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", **(env or {})}
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    command += [str(script)]
+    command += [model_dir, str(output_dir), json.dumps(options)] if script == SCRIPT else [str(output_dir), *model_dir]
+    cache = str(cache or Path(output_dir) / "hf_datasets_cache")
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    full_env |= {"HF_DATASETS_CACHE": cache, **(env or {})}
     result = subprocess.run(command, capture_output=True, text=True, env=full_env, timeout=600, check=False)
     assert result.returncode == 0, result.stderr[-4000:]
     return [json.loads(path.read_text()) for path in sorted(Path(output_dir).glob("rank*.json"))]
@@ -36,10 +44,16 @@ def _run(model_dir, output_dir, *, config=None, env=None, **options) -> list[dic
 def single(model_dir, tmp_path_factory) -> dict:
     (record,) = _run(model_dir, tmp_path_factory.mktemp("single"), per_device_train_batch_size=8)
     assert record["world_size"] == 1
+    assert record["target_pass"] == {"cache": "miss", "rows_scored_here": record["rows"]}
     return record
 
 
 def _assert_same_targets(records: list[dict], single: dict) -> None:
+    # every rank ran the reference on its own shard (a miss in a fresh cache), and the shards cover every row
+    assert all(r["target_pass"]["cache"] == "miss" for r in records)
+    scored = [r["target_pass"]["rows_scored_here"] for r in records]
+    assert all(n > 0 for n in scored)
+    assert sum(scored) >= records[0]["rows"]
     for record in records:
         assert record["target"] == records[0]["target"]  # bit-identical on every rank
         torch.testing.assert_close(torch.tensor(record["target"]), torch.tensor(single["target"]), rtol=0, atol=1e-5)
@@ -90,3 +104,51 @@ def test_dro_two_processes_match_one_process(model_dir, tmp_path_factory):
     _assert_same_targets(records, single)  # the normalised rewards and reference log-probs
     assert records[0]["losses"][0] == pytest.approx(single["losses"][0], rel=1e-5)
     assert records[0]["losses"][1] == pytest.approx(single["losses"][1], rel=1e-4)  # after one joint update
+
+
+@pytest.fixture(scope="module")
+def other_model_dir(tmp_path_factory) -> str:
+    from trl_rpo._tiny import build_causal_lm, build_tokenizer
+
+    tokenizer = build_tokenizer()
+    folder = tmp_path_factory.mktemp("tiny-llama-seed1")
+    build_causal_lm(tokenizer, seed=1).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.mark.slow
+def test_zero3_two_models_one_cache_get_their_own_values(model_dir, other_model_dir, single, tmp_path):
+    """Under ZeRO-3, a second model of the same architecture with the same data and cache folder is a cache miss
+    and gets its own reference log-probs (those of a 1-process run of that model)."""
+    import deepspeed  # noqa: F401
+
+    cache = tmp_path / "shared_cache"
+    ds = {"config": "zero3.yaml", "env": {"DS_ACCELERATOR": "cpu"}, "cache": cache, "max_steps": 1}
+    first = _run(model_dir, tmp_path / "a", **ds)
+    second = _run(other_model_dir, tmp_path / "b", **ds)
+    (single_b,) = _run(other_model_dir, tmp_path / "b1", per_device_train_batch_size=8, max_steps=1)
+    assert {r["target_pass"]["cache"] for r in first + second} == {"miss"}
+    _assert_same_targets(second, single_b)
+    assert second[0]["ref_logps"] != first[0]["ref_logps"]
+    again = _run(model_dir, tmp_path / "a2", **ds)
+    assert {r["target_pass"]["cache"] for r in again} == {"hit"}
+    assert again[0]["ref_logps"] == first[0]["ref_logps"]
+
+
+@pytest.mark.slow
+def test_weights_digest_under_zero3_init_placeholders(model_dir, other_model_dir, tmp_path):
+    """`zero.Init` leaves each rank empty placeholders (a hash of them sees only dtypes). The digest gathers every
+    weight: it tells the two models apart and equals the digest of the same model loaded in one process."""
+    import deepspeed  # noqa: F401
+
+    from trl_rpo.reference_cache import weights_digest
+
+    records = _run(
+        [model_dir, other_model_dir], tmp_path, config="zero3.yaml", env={"DS_ACCELERATOR": "cpu"}, script=DIGEST
+    )
+    assert len(records) == 2
+    assert all(r["placeholders"] == [True, True] for r in records)
+    expected = [weights_digest(AutoModelForCausalLM.from_pretrained(d)) for d in (model_dir, other_model_dir)]
+    assert all(r["digests"] == expected for r in records)
+    assert expected[0] != expected[1]

@@ -1,5 +1,6 @@
 """Launched by tests/test_distributed.py under `accelerate launch`: trains RPO on a tiny model and writes, per rank,
-what the test compares (targets, reference log-probs, logged losses) to `<output_dir>/rank<k>.json`."""
+what the test compares (targets, reference log-probs, logged losses, what the target pass did on the rank) to
+`<output_dir>/rank<k>.json`."""
 
 import json
 import os
@@ -40,6 +41,8 @@ def main(model_dir: str, output_dir: str, extra: str) -> None:
         "distributed_type": str(trainer.accelerator.distributed_type),
         "target": list(trainer.train_dataset["reward_z" if dro else "target"]),
         "ref_logps": list(trainer.train_dataset["ref_logps"]),
+        "rows": len(trainer.train_dataset),
+        "target_pass": trainer.target_pass_log["train"],  # this rank's cache status and rows it scored itself
     }
     trainer.train()
     record["losses"] = [log["loss"] for log in trainer.state.log_history if "loss" in log]
@@ -47,6 +50,7 @@ def main(model_dir: str, output_dir: str, extra: str) -> None:
     state = PartialState()
     with open(os.path.join(output_dir, f"rank{state.process_index}.json"), "w") as f:
         json.dump(record, f)
+    trainer.end()  # destroys the process group: gloo's threads left running at exit can abort a rank
 
 
 if __name__ == "__main__":
