@@ -250,6 +250,30 @@ def test_collator_pads_right_and_truncates_before_padding():
     assert batch["group_key"].dtype == torch.int64
 
 
+@pytest.mark.parametrize("is_encoder_decoder", [False, True])
+@pytest.mark.parametrize(("max_length", "multiple"), [(None, None), (5, None), (7, 4)])
+def test_arrow_collation_equals_the_row_collator(is_encoder_decoder, max_length, multiple):
+    """The target pass collates Arrow batches without a Python loop over rows: the same tensors as `torch_call`."""
+    import pyarrow as pa
+
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.stack([torch.randint(1, 6, (9,), generator=gen), torch.randint(1, 8, (9,), generator=gen)], 1)
+    rows = [
+        {"prompt_ids": torch.randint(3, 50, (int(p),), generator=gen).tolist(),
+         "completion_ids": torch.randint(3, 50, (int(c),), generator=gen).tolist()}
+        for p, c in lengths
+    ]  # fmt: skip
+    collator = DataCollatorForRewardedCompletions(
+        pad_token_id=0, max_length=max_length, pad_to_multiple_of=multiple, is_encoder_decoder=is_encoder_decoder
+    )
+    table = pa.Table.from_pylist(rows)
+    expected = collator(rows)
+    got = collator.collate_arrow(table.column("prompt_ids"), table.column("completion_ids"))
+    assert got.keys() == expected.keys()
+    for key in expected:
+        assert torch.equal(got[key], expected[key]), key
+
+
 def test_peft_model_instance_trains_against_a_frozen_copy_of_its_adapter(model_dir, make_args, reward_dataset):
     from peft import get_peft_model
 

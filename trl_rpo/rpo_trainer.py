@@ -8,13 +8,14 @@ from typing import Any, NamedTuple
 
 import datasets
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 import trl.trainer.utils as trl_utils
 from accelerate.logging import get_logger
 from accelerate.utils import broadcast_object_list, is_peft_model, tqdm
 from accelerate.utils.memory import clear_device_cache
 from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
-from torch.utils.data import DataLoader
 from transformers import (
     AutoConfig,
     AutoProcessor,
@@ -112,6 +113,40 @@ class DataCollatorForRewardedCompletions(DataCollatorMixin):
             if column in examples[0]:
                 output[column] = torch.tensor([example[column] for example in examples], dtype=dtype)
         return output
+
+    def collate_arrow(self, prompt_ids: pa.Array, completion_ids: pa.Array) -> dict[str, torch.Tensor]:
+        """`torch_call` on token-id columns read as Arrow lists, vectorised (no Python work per row): what the
+        target pass uses, where per-row collation would cost more than a small model's forward."""
+        prompts = _flat_lists(prompt_ids, self.max_length)
+        completions = _flat_lists(completion_ids, self.max_length)
+        if self.is_encoder_decoder:
+            input_ids, attention_mask, _ = self._pad_flat([prompts])
+            labels, completion_mask, _ = self._pad_flat([completions])
+            return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_ids": labels,
+                    "completion_mask": completion_mask}  # fmt: skip
+        input_ids, attention_mask, piece = self._pad_flat([prompts, completions])
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": (piece == 1).long()}
+
+    def _pad_flat(self, pieces: list[tuple[np.ndarray, np.ndarray]]) -> tuple[torch.Tensor, ...]:
+        """Rows made of `pieces` (flat values, lengths) laid end to end, cut at `max_length`, right-padded: ids,
+        attention mask, and which piece each position came from (-1 on padding)."""
+        lengths = sum(length for _, length in pieces)
+        kept = np.minimum(lengths, self.max_length or np.iinfo(np.int64).max)
+        width = int(kept.max()) if len(kept) else 0
+        if self.pad_to_multiple_of:
+            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        ids = np.full((len(kept), width), self.pad_token_id, dtype=np.int64)
+        source = np.full((len(kept), width), -1, dtype=np.int64)
+        offset = np.zeros(len(kept), dtype=np.int64)
+        for index, (values, length) in enumerate(pieces):
+            rows = np.repeat(np.arange(len(length)), length)
+            starts = np.repeat(np.cumsum(length) - length, length)
+            positions = np.arange(len(values)) - starts + np.repeat(offset, length)
+            inside = positions < kept[rows]
+            ids[rows[inside], positions[inside]] = values[inside]
+            source[rows[inside], positions[inside]] = index
+            offset += length
+        return torch.from_numpy(ids), torch.from_numpy((source >= 0).astype(np.int64)), torch.from_numpy(source)
 
 
 class RowMetrics(NamedTuple):
@@ -572,28 +607,40 @@ class RPOTrainer(KTOTrainer):
     def _reference_pass(
         self, model: torch.nn.Module, dataset: Dataset, name: str, batch_size: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One no-grad pass of `model` over `dataset`, its rows sharded across processes, gathered on every rank."""
-        loader = DataLoader(
-            dataset.select_columns(["prompt_ids", "completion_ids"]),
-            batch_size=batch_size,
-            collate_fn=self.data_collator,
-            num_workers=self.args.dataloader_num_workers,
-            shuffle=False,
-        )
-        loader = self.accelerator.prepare(loader)
+        """One no-grad pass of `model` over `dataset`: each process scores a contiguous shard of the rows, in the same
+        number of batches (sharded engines run collectives in every forward), and all shards are gathered on every
+        rank in row order."""
+        num_rows, world, rank = len(dataset), self.accelerator.num_processes, self.accelerator.process_index
+        per_rank = -(-num_rows // world)
+        start, stop = min(rank * per_rank, num_rows), min((rank + 1) * per_rank, num_rows)
+        rows = dataset.select_columns(["prompt_ids", "completion_ids"]).with_format("arrow")
         was_training = model.training
         model.eval()  # the reference is evaluated without dropout, whatever `disable_dropout` says
         sums, counts = [], []
         log = self.target_pass_log.setdefault(name, {"cache": "off", "rows_scored_here": 0})
+        batches = range(start, start + per_rank, batch_size)
         with trainable_bnb_layout(model):
-            for batch in tqdm(loader, desc=f"Computing reference log-probs for the {name} dataset"):
+            for first in tqdm(batches, desc=f"Computing reference log-probs for the {name} dataset"):
+                last = min(first + batch_size, stop)
+                table = rows[first:last] if last > first else rows[:1]  # an idle rank still joins the collectives
+                batch = self._collate_reference_batch(table)
                 sum_logps, num_tokens = self._reference_batch_logps(model, batch)
-                log["rows_scored_here"] += len(sum_logps)  # this rank's shard (padded to equal batches)
-                sum_logps, num_tokens = self.accelerator.gather_for_metrics((sum_logps, num_tokens))
-                sums.append(sum_logps.double().cpu())
-                counts.append(num_tokens.cpu())
+                sums.append(sum_logps[: last - first].double().cpu())
+                counts.append(num_tokens[: last - first].double().cpu())
+                log["rows_scored_here"] += max(last - first, 0)
         model.train(was_training)
-        return torch.cat(sums), torch.cat(counts).double()
+        local = torch.stack([torch.cat(sums), torch.cat(counts)], dim=1)
+        local = torch.cat([local, local.new_zeros(per_rank - len(local), 2)])  # the last shard may be shorter
+        gathered = self.accelerator.gather(local.to(self.accelerator.device)).cpu()[:num_rows]
+        return gathered[:, 0].contiguous(), gathered[:, 1].contiguous()
+
+    def _collate_reference_batch(self, table: pa.Table) -> dict[str, torch.Tensor]:
+        collator = self.data_collator
+        if type(collator) is DataCollatorForRewardedCompletions:
+            batch = collator.collate_arrow(table.column("prompt_ids"), table.column("completion_ids"))
+        else:  # a custom collator gets the rows as the training loader gives them
+            batch = collator(table.to_pylist())
+        return {key: value.to(self.accelerator.device) for key, value in batch.items()}
 
     def _release_ref_model(self) -> None:
         """An explicit `ref_model` is only read by the target pass: let it go (off the accelerator, and out of this
@@ -819,6 +866,17 @@ def _is_encoder_decoder(model, args: RPOConfig) -> bool:
     else:
         config = model.config
     return bool(getattr(config, "is_encoder_decoder", False))
+
+
+def _flat_lists(lists: pa.Array, max_length: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """(values, lengths) of an Arrow list column, each list cut at `max_length` as the collator cuts it."""
+    lists = lists.combine_chunks() if isinstance(lists, pa.ChunkedArray) else lists
+    lengths = pc.list_value_length(lists).to_numpy(zero_copy_only=False).astype(np.int64)
+    values = pc.list_flatten(lists).to_numpy(zero_copy_only=False).astype(np.int64)
+    if max_length is not None and (lengths > max_length).any():
+        keep = np.arange(len(values)) - np.repeat(np.cumsum(lengths) - lengths, lengths) < max_length
+        values, lengths = values[keep], np.minimum(lengths, max_length)
+    return values, lengths
 
 
 def _refuse_iterable(dataset, name: str) -> None:
