@@ -8,7 +8,7 @@ Workloads (synthetic arithmetic-like text, generated and saved with `save_to_dis
 loaded memory-mapped in a fresh process, as a user's `load_from_disk` / `load_dataset` split would be):
 
 - `short`: `--short-prompts` prompts × `--completions` completions (default 1M rows of ~18 tokens);
-- `long`: `--long-rows` rows of ~300 tokens (100-token prompts, 200-token completions; 10 per prompt).
+- `long`: `--long-rows` rows of ~300 tokens (~100-token prompts, ~200-token completions; 10 per prompt).
 
 Each workload runs in its own subprocess. It loads the tiny model (the tests' 2-layer, 32-wide Llama, built offline)
 and the dataset, takes that resident memory as the baseline, then builds `RPOTrainer` and trains one step, while a
@@ -191,7 +191,7 @@ def _timed_call(store, key, fn, args, kwargs):
 # ------------------------------------------------------------------------------------------- the driver
 WORKLOADS = {
     "short": lambda a: (a.short_prompts * a.completions, 2, 1, a.completions),
-    "long": lambda a: (a.long_rows, 95, 190, 10),
+    "long": lambda a: (a.long_rows, 37, 74, 10),
 }
 
 

@@ -614,21 +614,17 @@ class RPOTrainer(KTOTrainer):
         per_rank = -(-num_rows // world)
         start, stop = min(rank * per_rank, num_rows), min((rank + 1) * per_rank, num_rows)
         rows = dataset.select_columns(["prompt_ids", "completion_ids"]).with_format("arrow")
-        was_training = model.training
-        model.eval()  # the reference is evaluated without dropout, whatever `disable_dropout` says
         sums, counts = [], []
         log = self.target_pass_log.setdefault(name, {"cache": "off", "rows_scored_here": 0})
         batches = range(start, start + per_rank, batch_size)
-        with trainable_bnb_layout(model):
+        with self._reference_forward(model):
             for first in tqdm(batches, desc=f"Computing reference log-probs for the {name} dataset"):
                 last = min(first + batch_size, stop)
                 table = rows[first:last] if last > first else rows[:1]  # an idle rank still joins the collectives
-                batch = self._collate_reference_batch(table)
-                sum_logps, num_tokens = self._reference_batch_logps(model, batch)
+                sum_logps, num_tokens, _, _ = self._completion_logps(model, self._collate_reference_batch(table))
                 sums.append(sum_logps[: last - first].double().cpu())
                 counts.append(num_tokens[: last - first].double().cpu())
                 log["rows_scored_here"] += max(last - first, 0)
-        model.train(was_training)
         local = torch.stack([torch.cat(sums), torch.cat(counts)], dim=1)
         local = torch.cat([local, local.new_zeros(per_rank - len(local), 2)])  # the last shard may be shorter
         gathered = self.accelerator.gather(local.to(self.accelerator.device)).cpu()[:num_rows]
@@ -680,17 +676,25 @@ class RPOTrainer(KTOTrainer):
     def _aggregate(self, sum_logps: torch.Tensor, num_tokens: torch.Tensor) -> torch.Tensor:
         return sum_logps if self.args.logps_aggregation == "sum" else sum_logps / num_tokens.clamp(min=1)
 
-    def _reference_batch_logps(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed reference log-probs and token counts of one batch: no grad, no checkpointing, adapter off."""
-        adapter = contextlib.nullcontext()
-        if self.ref_model is None and is_peft_model(self.model):
-            unwrapped = self.accelerator.unwrap_model(self.model)
-            # a PeftModel passed in got a frozen "ref" copy of its adapter; otherwise the adapter is disabled
-            adapter = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
-        gc_off = disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs)
-        with torch.no_grad(), gc_off, adapter, self.accelerator.autocast():
-            sum_logps, num_tokens, _, _ = self._completion_logps(model, batch)
-        return sum_logps, num_tokens
+    @contextlib.contextmanager
+    def _reference_forward(self, model: torch.nn.Module):
+        """Run `model` as the reference: eval mode, no grad, no checkpointing, autocast, and under PEFT the adapter
+        disabled (or the frozen "ref" copy of the adapter a `PeftModel` passed in was given, as in KTO)."""
+        was_training = model.training
+        model.eval()  # the reference is evaluated without dropout, whatever `disable_dropout` says
+        with contextlib.ExitStack() as stack:
+            if self.ref_model is None and is_peft_model(self.model):
+                unwrapped = self.accelerator.unwrap_model(self.model)
+                adapter = "ref" if "ref" in unwrapped.peft_config else None
+                stack.enter_context(use_adapter(unwrapped, adapter_name=adapter))
+            stack.enter_context(disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs))
+            stack.enter_context(torch.no_grad())
+            stack.enter_context(self.accelerator.autocast())
+            stack.enter_context(trainable_bnb_layout(model))
+            try:
+                yield
+            finally:
+                model.train(was_training)
 
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
