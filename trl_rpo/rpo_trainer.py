@@ -14,6 +14,7 @@ import torch
 import trl.trainer.utils as trl_utils
 from accelerate.logging import get_logger
 from accelerate.utils import broadcast_object_list, is_peft_model, tqdm
+from accelerate.utils.fsdp_utils import fsdp2_apply_ac, fsdp2_prepare_model
 from accelerate.utils.memory import clear_device_cache
 from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
 from transformers import (
@@ -576,10 +577,28 @@ class RPOTrainer(KTOTrainer):
                 self._precompute_engine = prepare_deepspeed(self.model, self.accelerator)
             return self._precompute_engine
         if self.is_fsdp_enabled and len(self.accelerator._models) == 0:
-            # Shard the policy now, as `Trainer.evaluation_loop` does before training: the unprepared model can hold
-            # no real weights on ranks > 0 (`fsdp_cpu_ram_efficient_loading`). `train()` then reuses the sharding.
-            self.model = self.model_wrapped = self.accelerator.prepare(self.model)
+            self._shard_policy_for_fsdp()
         return self.model
+
+    def _shard_policy_for_fsdp(self) -> None:
+        """Shard the policy now, with accelerate's own FSDP preparation, so that the target pass reads real weights
+        (with `fsdp_cpu_ram_efficient_loading`, ranks > 0 hold none until then) and runs sharded like training.
+
+        FSDP2: `accelerator.prepare` wants the optimizer too, which does not exist yet, so `fsdp2_prepare_model` (what
+        it calls on the model: auto-wrap per layer, mixed precision, rank 0's weights broadcast) shards it in place;
+        `train()` then finds an FSDP module, keeps it and maps the optimizer onto its parameters, as after an
+        evaluation before training. FSDP1: `accelerator.prepare(model)` wraps it, as `Trainer.evaluation_loop` does.
+        """
+        accelerator = self.accelerator
+        if accelerator.is_fsdp2:
+            model = self.model
+            if accelerator.state.fsdp_plugin.activation_checkpointing:
+                model = fsdp2_apply_ac(accelerator, model)  # before sharding, as accelerate orders them
+            model = fsdp2_prepare_model(accelerator, model)
+            accelerator._models.append(model)  # prepared: the evaluation loop must not prepare it again
+        else:
+            model = accelerator.prepare(self.model)
+        self.model = self.model_wrapped = model
 
     def _cache_file(self, dataset: Dataset, model: torch.nn.Module) -> str:
         """`<cache dir>/<key>.pt`, the key digesting all that determines ℓ_ref (see `trl_rpo.reference_cache`)."""

@@ -17,9 +17,29 @@ from conftest import reward_rows
 from trl_rpo import DROConfig, DROTrainer, RPOConfig, RPOTrainer
 
 
+def force_fsdp_on_cpu() -> None:
+    """accelerate 1.15 turns FSDP on only for accelerator devices; on this CPU-only machine the launcher's FSDP
+    settings (env `FSDP_*`) are read into a plugin and then ignored. Keep them: the state becomes FSDP over gloo,
+    and the real FSDP2 code paths (accelerate's `fsdp2_prepare_model`, `fully_shard`, DTensor parameters) run."""
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    real_init = AcceleratorState.__init__
+
+    def init(self, *args, fsdp_plugin=None, **kwargs):
+        real_init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type = DistributedType.FSDP
+            self.fsdp_plugin = fsdp_plugin or FullyShardedDataParallelPlugin()
+
+    AcceleratorState.__init__ = init
+
+
 def main(model_dir: str, output_dir: str, extra: str) -> None:
     torch.set_num_threads(1)
     options = json.loads(extra)
+    if options.pop("force_fsdp_on_cpu", False):
+        force_fsdp_on_cpu()
     dro = options.pop("trainer", "rpo") == "dro"
     num_prompts = options.pop("num_prompts", 4)
     config_class, trainer_class = (DROConfig, DROTrainer) if dro else (RPOConfig, RPOTrainer)
@@ -43,6 +63,8 @@ def main(model_dir: str, output_dir: str, extra: str) -> None:
         "ref_logps": list(trainer.train_dataset["ref_logps"]),
         "rows": len(trainer.train_dataset),
         "target_pass": trainer.target_pass_log["train"],  # this rank's cache status and rows it scored itself
+        "fsdp2": trainer.accelerator.is_fsdp2,
+        "dtensor_params": type(next(trainer.model.parameters())).__name__ == "DTensor",
     }
     trainer.train()
     record["losses"] = [log["loss"] for log in trainer.state.log_history if "loss" in log]
