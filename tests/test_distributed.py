@@ -106,6 +106,24 @@ def test_dro_two_processes_match_one_process(model_dir, tmp_path_factory):
     assert records[0]["losses"][1] == pytest.approx(single["losses"][1], rel=1e-4)  # after one joint update
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("lora", [False, True])
+def test_fsdp2_on_cpu_matches_one_process(model_dir, single, tmp_path, lora):
+    """FSDP2 through the shipped config (per-layer wrap, `fsdp_cpu_ram_efficient_loading`), forced on for CPU in the
+    launched script (accelerate 1.15 enables FSDP on accelerators only). Rank 1's copy of the weights is random noise,
+    as with ram-efficient loading before preparation: the target pass must run on the policy sharded from rank 0's
+    weights (LoRA: adapter disabled) to give one process's targets; training then reuses that sharding (DTensor
+    parameters) and takes the same first step."""
+    options = {"force_fsdp_on_cpu": True, "lora": lora, "garbage_weights_on_other_ranks": True}
+    records = _run(model_dir, tmp_path, config="fsdp2.yaml", env={"ACCELERATE_USE_CPU": "true"}, **options)
+    assert len(records) == 2
+    assert all(r["fsdp2"] and r["fsdp_ram_efficient_loading"] for r in records)
+    _assert_same_targets(records, single)
+    assert all(r["dtensor_params"] for r in records)  # sharded before the target pass, and kept so
+    if not lora:  # LoRA's first step differs from full fine-tuning's; its targets do not
+        assert records[0]["losses"][0] == pytest.approx(single["losses"][0], rel=1e-5)
+
+
 @pytest.fixture(scope="module")
 def other_model_dir(tmp_path_factory) -> str:
     from trl_rpo._tiny import build_causal_lm, build_tokenizer

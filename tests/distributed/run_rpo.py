@@ -9,6 +9,7 @@ import sys
 import torch
 from accelerate import PartialState
 from datasets import Dataset
+from transformers import AutoModelForCausalLM
 
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
@@ -24,13 +25,13 @@ def force_fsdp_on_cpu() -> None:
     from accelerate.state import AcceleratorState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
-    real_init = AcceleratorState.__init__
+    real_init, plugins = AcceleratorState.__init__, []
 
     def init(self, *args, fsdp_plugin=None, **kwargs):
         real_init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
-        if self.distributed_type == DistributedType.MULTI_CPU:
-            self.distributed_type = DistributedType.FSDP
-            self.fsdp_plugin = fsdp_plugin or FullyShardedDataParallelPlugin()
+        if not plugins:  # the first state made: its plugin, configured by the launcher's env, is the run's
+            plugins.append(fsdp_plugin or FullyShardedDataParallelPlugin())
+        self.distributed_type, self.fsdp_plugin = DistributedType.FSDP, plugins[0]
 
     AcceleratorState.__init__ = init
 
@@ -40,7 +41,13 @@ def main(model_dir: str, output_dir: str, extra: str) -> None:
     options = json.loads(extra)
     if options.pop("force_fsdp_on_cpu", False):
         force_fsdp_on_cpu()
+    options_garbage = options.pop("garbage_weights_on_other_ranks", False)
     dro = options.pop("trainer", "rpo") == "dro"
+    peft_config = None
+    if options.pop("lora", False):
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     num_prompts = options.pop("num_prompts", 4)
     config_class, trainer_class = (DROConfig, DROTrainer) if dro else (RPOConfig, RPOTrainer)
     args = config_class(
@@ -55,7 +62,20 @@ def main(model_dir: str, output_dir: str, extra: str) -> None:
         disable_tqdm=True,
         **options,
     )
-    trainer = trainer_class(model_dir, args=args, train_dataset=Dataset.from_dict(reward_rows(num_prompts)))
+    from transformers.integrations.fsdp import is_fsdp_enabled
+
+    ram_efficient = is_fsdp_enabled()  # as `from_pretrained` sees it: ranks > 0 then need rank 0's weights
+    model = model_dir
+    if options_garbage:
+        # What `fsdp_cpu_ram_efficient_loading` promises to fix: ranks > 0 hold no real weights until the model is
+        # prepared (transformers 5.24 on CPU loads them anyway, so they are overwritten here).
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        if PartialState().process_index > 0:
+            with torch.no_grad():
+                for param in model.parameters():
+                    param.normal_()
+    dataset = Dataset.from_dict(reward_rows(num_prompts))
+    trainer = trainer_class(model, args=args, train_dataset=dataset, peft_config=peft_config)
     record = {
         "world_size": trainer.accelerator.num_processes,
         "distributed_type": str(trainer.accelerator.distributed_type),
@@ -64,6 +84,7 @@ def main(model_dir: str, output_dir: str, extra: str) -> None:
         "rows": len(trainer.train_dataset),
         "target_pass": trainer.target_pass_log["train"],  # this rank's cache status and rows it scored itself
         "fsdp2": trainer.accelerator.is_fsdp2,
+        "fsdp_ram_efficient_loading": ram_efficient,
         "dtensor_params": type(next(trainer.model.parameters())).__name__ == "DTensor",
     }
     trainer.train()
