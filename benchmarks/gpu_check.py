@@ -1,11 +1,15 @@
-"""GPU check: bf16 RPO training through `trl-rpo --accelerate_config single_gpu`, with throughput printed.
+"""GPU check: bf16 RPO training through `trl-rpo --accelerate_config <engine>`, with throughput printed.
 
 Builds a randomly initialised ~200M-parameter Llama (no download) and synthetic rewarded rows, then runs the real
-command a user runs. It checks what only an accelerator shows: that `RPOConfig` picks bf16 by itself, that the
-target pass and training run on the device in bf16 with a finite, falling loss, and how fast. Results are printed
-as a table and written to `<output_dir>/gpu_check.json`; `benchmarks/results/` keeps the ones recorded so far.
+command a user runs, once per engine (`single_gpu`, and the sharded engines `fsdp2` and `zero3` on every visible GPU).
+It checks what only an accelerator shows: that `RPOConfig` picks bf16 by itself, that the target pass and training
+run on the device in bf16 with a finite, falling loss, that the sharded engines start from the same first loss as
+one GPU (their target pass runs on the sharded policy: same targets, same first step up to bf16 noise), and how
+fast. Results are printed as a table and written to `<output_dir>/gpu_check.json`; `benchmarks/results/` keeps the
+ones recorded so far.
 
-    python benchmarks/gpu_check.py [--steps 40] [--batch 16] [--output_dir data/gpu-check]
+    python benchmarks/gpu_check.py [--engines single_gpu,fsdp2,zero3] [--steps 40] [--batch 16]
+                                   [--output_dir data/gpu-check]
 """
 
 import argparse
@@ -61,6 +65,7 @@ def write_rows(path: Path, prompts: int, completions: int, words: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output_dir", default="data/gpu-check")
+    parser.add_argument("--engines", default="single_gpu,fsdp2,zero3", help="accelerate configs to run, in order")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--hidden", type=int, default=1024)
@@ -77,24 +82,48 @@ def main() -> None:
 
     model_dir = build_model(out / "model", cli.hidden, cli.layers)
     write_rows(out / "rows.jsonl", prompts=cli.batch * cli.steps // 4 + 4, completions=4, words=cli.words)
-    command = [
-        sys.executable, "-m", "trl_rpo", "--accelerate_config", "single_gpu", "--model_name_or_path", model_dir,
-        "--dataset_name", str(out / "rows.jsonl"), "--output_dir", str(out / "run"), "--max_steps", str(cli.steps),
-        "--per_device_train_batch_size", str(cli.batch), "--learning_rate", "1e-5", "--report_to", "none",
-        "--logging_steps", str(max(1, cli.steps // 8)), "--save_strategy", "no", "--max_length", "1024",
-        "--gradient_checkpointing", "false",
-    ]  # fmt: skip
+    processes = max(1, torch.cuda.device_count())
+    records = []
+    for engine in cli.engines.split(","):
+        launch = ["--accelerate_config", engine, "--num_processes", str(1 if engine == "single_gpu" else processes)]
+        command = [
+            sys.executable, "-m", "trl_rpo", *launch, "--model_name_or_path", model_dir,
+            "--dataset_name", str(out / "rows.jsonl"), "--output_dir", str(out / f"run-{engine}"),
+            "--max_steps", str(cli.steps), "--per_device_train_batch_size", str(cli.batch), "--learning_rate", "1e-5",
+            "--report_to", "none", "--logging_steps", str(max(1, cli.steps // 8)), "--save_strategy", "no",
+            "--max_length", "1024", "--gradient_checkpointing", "false", "--cache_ref_log_probs", "false",
+        ]  # fmt: skip
+        records.append(run(command, engine, launch[-1], card, default_bf16, model_dir, cli))
+    (out / "gpu_check.json").write_text(json.dumps(records, indent=2))
+    print("| engine | processes | card | bf16 default | params | batch | s/step | tokens/s | setup + target pass (s) "
+          "| loss first → last |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in records:
+        print(
+            f"| {r['engine']} | {r['processes']} | {card} | {default_bf16} | {r['parameters'] / 1e6:.0f}M | "
+            f"{cli.batch} | {r['seconds_per_step']:.3f} | {r['tokens_per_second']:,.0f} | "
+            f"{r['setup_and_target_pass_seconds']:.1f} | {r['losses'][0]:.3f} → {r['losses'][-1]:.3f} |"
+        )
+    first = records[0]["losses"][0]
+    for r in records[1:]:  # same data and initial weights: a different first loss means different targets
+        if abs(r["losses"][0] - first) > 0.02 * abs(first):
+            sys.exit(
+                f"{r['engine']}: first loss {r['losses'][0]:.4f} differs from {records[0]['engine']}'s {first:.4f}"
+            )
+
+
+def run(command: list[str], engine: str, processes: str, card: str, default_bf16: bool, model_dir: str, cli) -> dict:
     started = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, check=False)
     wall = time.perf_counter() - started
     if result.returncode != 0:
-        sys.exit(result.stderr[-5000:])
+        sys.exit(f"{engine}:\n" + result.stderr[-5000:])
     logs = [json.loads(m.replace("'", '"')) for m in re.findall(r"^\{.*\}$", result.stdout, flags=re.MULTILINE)]
     steps = [log for log in logs if "loss" in log]
-    summary = next(log for log in logs if "train_runtime" in log)
-    runtime = float(summary["train_runtime"])
-    tokens = float(steps[-1]["num_tokens"])
-    record = {
+    runtime = float(next(log for log in logs if "train_runtime" in log)["train_runtime"])
+    return {
+        "engine": engine,
+        "processes": int(processes),
         "card": card,
         "torch": torch.__version__,
         "bf16_by_default": default_bf16,
@@ -102,18 +131,10 @@ def main() -> None:
         "batch": cli.batch,
         "steps": cli.steps,
         "seconds_per_step": runtime / cli.steps,
-        "tokens_per_second": tokens / runtime,
+        "tokens_per_second": float(steps[-1]["num_tokens"]) / runtime,
         "setup_and_target_pass_seconds": wall - runtime,
         "losses": [float(log["loss"]) for log in steps],
     }
-    (out / "gpu_check.json").write_text(json.dumps(record, indent=2))
-    print("| card | bf16 default | params | batch | s/step | tokens/s | setup + target pass (s) | loss first → last |")
-    print("|---|---|---|---|---|---|---|---|")
-    print(
-        f"| {card} | {default_bf16} | {record['parameters'] / 1e6:.0f}M | {cli.batch} | "
-        f"{record['seconds_per_step']:.3f} | {record['tokens_per_second']:,.0f} | "
-        f"{record['setup_and_target_pass_seconds']:.1f} | {record['losses'][0]:.3f} → {record['losses'][-1]:.3f} |"
-    )
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import torch
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "throughput.py"
 OPTIMUM = SCRIPT.parent / "optimum.py"
+SCALE = SCRIPT.parent / "scale.py"
 METHODS = {"floor", "rpo", "kto", "kto_precomputed", "sft"}
 
 
@@ -109,3 +110,22 @@ def test_optimum_quick(tmp_path):
     _run_benchmark(OPTIMUM, tmp_path, "--replot", str(output))
     assert all((tmp_path / figure).read_bytes()[:4] == b"\x89PNG" for figure in result["figures"])
     assert "| rpo_empirical_sum |" in result["table_markdown"]
+
+
+def test_scale_quick(tmp_path):
+    """benchmarks/scale.py end to end on a few thousand rows: every phase timed, rows and tokens accounted for."""
+    output = tmp_path / "scale.json"
+    _run_benchmark(SCALE, tmp_path, "--short-prompts", "300", "--completions", "4", "--long-rows", "200",
+                   "--batch", "64", "--output", str(output), timeout=300)  # fmt: skip
+    workloads = json.loads(output.read_text())["workloads"]
+    assert workloads["short"]["rows"] == 1200
+    assert workloads["long"]["rows"] == 200
+    assert workloads["long"]["mean_tokens_per_row"] > 10 * workloads["short"]["mean_tokens_per_row"]
+    for result in workloads.values():
+        phases = result["phases_s"]
+        assert {"tokenise", "reference_pass", "partition_maths", "column_writing", "first_step", "other"} <= set(
+            phases
+        )
+        assert sum(phases.values()) == pytest.approx(result["time_to_first_step_s"], rel=1e-6)
+        assert 0 < result["bare_reference_forward_s"]
+        assert math.isfinite(result["peak_rss_above_baseline_mb"] + result["peak_anon_rss_above_baseline_mb"])
