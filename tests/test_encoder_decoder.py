@@ -52,13 +52,24 @@ def test_stored_reference_logps_cover_exactly_the_completion_tokens(t5_dir, make
         assert row["ref_logps"] == pytest.approx(expected, rel=1e-5)
 
 
-def test_lora_moves_only_the_adapter(t5_dir, make_args, reward_dataset):
+def test_lora_moves_only_the_adapter(t5_dir, make_args, reward_dataset, monkeypatch):
     peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"], task_type="SEQ_2_SEQ_LM")
     trainer = RPOTrainer(t5_dir, args=make_args(), train_dataset=reward_dataset, peft_config=peft_config)
     before = _snapshot(trainer.model)
     trainer.train()
     assert_only_adapter_moved(before, trainer.model)
-    assert math.isfinite(trainer.evaluate(reward_dataset)["eval_loss"])  # the disabled adapter is the reference
+    # A split first seen after training is scored with the adapter disabled: the bare base model's log-probs.
+    seen, real = {}, RPOTrainer._precompute_ref_logps
+    monkeypatch.setattr(
+        RPOTrainer, "_precompute_ref_logps", lambda self, *a, **k: seen.setdefault(a[1], real(self, *a, **k))
+    )
+    new_split = Dataset.from_dict(reward_rows(num_prompts=5, completions_per_prompt=2))
+    metrics = trainer.evaluate({"held_out": new_split})
+    base = RPOTrainer(t5_dir, args=make_args(), train_dataset=new_split)
+    torch.testing.assert_close(
+        torch.tensor(list(seen["held_out"]["ref_logps"])), torch.tensor(list(base.train_dataset["ref_logps"]))
+    )
+    assert abs(metrics["eval_held_out_log_ratio"]) > 1e-4  # and the policy that trained is not that reference
 
 
 def test_explicit_reference_stays_unchanged(t5_dir, make_args, reward_dataset):
