@@ -44,16 +44,23 @@ def rss(field: str = "VmRSS") -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith(f"{field}:"))
 
 
+PHASE = ["other"]  # the phase running now, set by the timers: the sampler books each peak to it
+
+
 class PeakSampler:
-    """The largest resident memory (all, and anonymous) seen by a thread polling /proc every `interval` seconds."""
+    """The largest resident memory (all, and anonymous) seen by a thread polling /proc every `interval` seconds,
+    overall and per phase."""
 
     def __init__(self, interval: float = 0.02):
         self.interval, self.peak, self.peak_anon, self._stop = interval, rss(), rss("RssAnon"), threading.Event()
+        self.anon_by_phase: dict[str, int] = {}
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self):
         while not self._stop.is_set():
-            self.peak, self.peak_anon = max(self.peak, rss()), max(self.peak_anon, rss("RssAnon"))
+            anon = rss("RssAnon")
+            self.peak, self.peak_anon = max(self.peak, rss()), max(self.peak_anon, anon)
+            self.anon_by_phase[PHASE[0]] = max(self.anon_by_phase.get(PHASE[0], 0), anon)
             time.sleep(self.interval)
 
     def __enter__(self):
@@ -98,10 +105,12 @@ def build_dataset(folder: str, rows: int, prompt_words: int, completion_words: i
 # ------------------------------------------------------------------------------------------- the worker
 @contextmanager
 def timed(store: dict, key: str):
-    start = time.perf_counter()
+    start, outer = time.perf_counter(), PHASE[0]
+    PHASE[0] = key
     try:
         yield
     finally:
+        PHASE[0] = outer
         store[key] = store.get(key, 0.0) + time.perf_counter() - start
 
 
@@ -135,7 +144,7 @@ def bare_forward(trainer, dataset, batch_size: int) -> float:
     return elapsed
 
 
-def worker(data_dir: str, batch_size: int, output: str) -> None:
+def worker(data_dir: str, batch_size: int, output: str, cache: bool = True) -> None:
     import torch
     from datasets import load_from_disk
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -161,7 +170,7 @@ def worker(data_dir: str, batch_size: int, output: str) -> None:
     args = RPOConfig(
         output_dir=tempfile.mkdtemp(), report_to="none", max_steps=1, per_device_train_batch_size=8,
         precompute_ref_batch_size=batch_size, save_strategy="no", bf16=False, disable_tqdm=True,
-        dataloader_num_workers=0,  # the reference-log-prob cache stays on, as by default: a miss in a fresh cache
+        dataloader_num_workers=0, cache_ref_log_probs=cache,  # on by default: a miss in a fresh cache
     )  # fmt: skip
     start = time.perf_counter()
     with PeakSampler() as sampler:
@@ -181,6 +190,10 @@ def worker(data_dir: str, batch_size: int, output: str) -> None:
         "not_forward_share": (total - forward) / total,
         "peak_rss_above_baseline_mb": (sampler.peak - baseline) / MB,
         "peak_anon_rss_above_baseline_mb": (sampler.peak_anon - baseline_anon) / MB,
+        "peak_anon_rss_above_baseline_mb_by_phase": {
+            k: (v - baseline_anon) / MB for k, v in sampler.anon_by_phase.items()
+        },
+        "cache_ref_log_probs": cache,
         "baseline_rss_mb": baseline / MB,
     }
     with open(output, "w") as f:
@@ -207,10 +220,11 @@ def main() -> None:
     parser.add_argument("--long-rows", type=int, default=50_000)
     parser.add_argument("--batch", type=int, default=256, help="precompute_ref_batch_size")
     parser.add_argument("--output", default=RESULTS)
-    parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--no-cache", action="store_true", help="cache_ref_log_probs=False (default: on, a miss)")
+    parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args.worker[0], int(args.worker[1]), args.worker[2])
+        worker(args.worker[0], int(args.worker[1]), args.worker[2], args.worker[3] == "cache")
         return
     results = {}
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
@@ -220,7 +234,8 @@ def main() -> None:
             rows, prompt_words, completion_words, completions = WORKLOADS[name](args)
             data_dir, output = os.path.join(scratch, name), os.path.join(scratch, f"{name}.json")
             build_dataset(data_dir, rows, prompt_words, completion_words, completions)
-            command = [sys.executable, __file__, "--worker", data_dir, str(args.batch), output]
+            cache = "no-cache" if args.no_cache else "cache"
+            command = [sys.executable, __file__, "--worker", data_dir, str(args.batch), output, cache]
             subprocess.run(command, check=True, env=env)
             with open(output) as f:
                 results[name] = json.load(f) | {"workload": name, "completions_per_prompt": completions}

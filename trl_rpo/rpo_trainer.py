@@ -633,7 +633,8 @@ class RPOTrainer(KTOTrainer):
         per_rank = -(-num_rows // world)
         start, stop = min(rank * per_rank, num_rows), min((rank + 1) * per_rank, num_rows)
         rows = dataset.select_columns(["prompt_ids", "completion_ids"]).with_format("arrow")
-        sums, counts = [], []
+        # Filled in place: a small tensor kept per batch would pin the heap between the batches' large freed blocks.
+        local = torch.zeros(per_rank, 2, dtype=torch.float64)  # (summed log-probs, tokens); zeros past a short shard
         log = self.target_pass_log.setdefault(name, {"cache": "off", "rows_scored_here": 0})
         batches = range(start, start + per_rank, batch_size)
         with self._reference_forward(model):
@@ -641,11 +642,10 @@ class RPOTrainer(KTOTrainer):
                 last = min(first + batch_size, stop)
                 table = rows[first:last] if last > first else rows[:1]  # an idle rank still joins the collectives
                 sum_logps, num_tokens, _, _ = self._completion_logps(model, self._collate_reference_batch(table))
-                sums.append(sum_logps[: last - first].double().cpu())
-                counts.append(num_tokens[: last - first].double().cpu())
-                log["rows_scored_here"] += max(last - first, 0)
-        local = torch.stack([torch.cat(sums), torch.cat(counts)], dim=1)
-        local = torch.cat([local, local.new_zeros(per_rank - len(local), 2)])  # the last shard may be shorter
+                scored = max(last - first, 0)
+                local[first - start : first - start + scored, 0] = sum_logps[:scored].detach().double().cpu()
+                local[first - start : first - start + scored, 1] = num_tokens[:scored].double().cpu()
+                log["rows_scored_here"] += scored
         gathered = self.accelerator.gather(local.to(self.accelerator.device)).cpu()[:num_rows]
         return gathered[:, 0].contiguous(), gathered[:, 1].contiguous()
 
