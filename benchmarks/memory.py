@@ -116,8 +116,10 @@ def run_worker(config: str, args) -> dict:
     anon_peak.start()
 
     class StepTimer(TrainerCallback):
+        """Times each step, and records the resident memory at its end: what training holds after the target pass."""
+
         def __init__(self):
-            self.times, self._start = [], None
+            self.times, self._start, self.rss = [], None, []
 
         def on_step_begin(self, *_, **__):
             if cuda:
@@ -128,6 +130,7 @@ def run_worker(config: str, args) -> dict:
             if cuda:
                 torch.cuda.synchronize()
             self.times.append(time.perf_counter() - self._start)
+            self.rss.append(rss_bytes())
 
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     dataset = Dataset.from_dict(synthetic_rows(tokenizer, args.prompts, args.seq))
@@ -198,6 +201,7 @@ def run_worker(config: str, args) -> dict:
     result["peak_anon_bytes"] = anon_peak.peak
     result["gpu_peak_bytes"] = torch.cuda.max_memory_allocated() if cuda else None
     result["step_s"] = timer.times
+    result["rss_in_training_bytes"] = max(timer.rss) if timer.rss else None
     timed = timer.times[2:]  # the first two steps warm up (allocations, optimizer state)
     result["median_step_s"] = statistics.median(timed) if timed else None
     result["train_loss"] = output.training_loss
@@ -273,7 +277,8 @@ def fmt(value, scale=1.0, digits=0) -> str:
 
 
 def table(results: list[dict], cuda: bool) -> str:
-    head = ["configuration", "trainable params", "param MB (policy + ref)", "RSS after build MB", "peak RSS MB"]
+    head = ["configuration", "trainable params", "param MB (policy + ref)", "RSS after build MB", "RSS in training MB"]
+    head += ["peak RSS MB"]
     head += ["peak − imports MB", "peak anon − imports MB"] + (["GPU peak MB"] if cuda else []) + ["s/step (median)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
@@ -284,6 +289,7 @@ def table(results: list[dict], cuda: bool) -> str:
         if r["ref_param_bytes"]:
             params += f" + {fmt(r['ref_param_bytes'], MB, 1)}"
         row = [r["description"], f"{r['trainable_params']:,}", params, fmt(r["rss_after_build_bytes"], MB)]
+        row += [fmt(r.get("rss_in_training_bytes"), MB)]
         row += [fmt(r["peak_rss_bytes"], MB), fmt(above_imports(r), MB), fmt(anon_above_imports(r), MB)]
         row += [fmt(r["gpu_peak_bytes"], MB)] if cuda else []
         row += [fmt(r["median_step_s"], 1, 3)]
@@ -337,6 +343,7 @@ def main(argv=None) -> None:
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     parser.add_argument("--work-dir", help=argparse.SUPPRESS)
     parser.add_argument("--result-file", help=argparse.SUPPRESS)
+    parser.add_argument("--output", help="JSON path (default: results/memory_<cpu|cuda>[_<N>l].json)")
     args = parser.parse_args(argv)
 
     if args.worker:
@@ -374,7 +381,7 @@ def main(argv=None) -> None:
     }
     os.makedirs(RESULTS_DIR, exist_ok=True)
     suffix = "" if args.layers == 2 else f"_{args.layers}l"  # the default cut keeps the plain name
-    path = os.path.join(RESULTS_DIR, f"memory_{device}{suffix}.json")
+    path = args.output or os.path.join(RESULTS_DIR, f"memory_{device}{suffix}.json")
     with open(path, "w") as f:
         json.dump(report, f, indent=2)
         f.write("\n")

@@ -14,12 +14,22 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 torch.set_num_threads(1)
 
 from trl_rpo import RPOConfig  # noqa: E402
-from trl_rpo._tiny import build_tokenizer, save_tiny_causal_lm, save_tiny_seq2seq_lm  # noqa: E402
+from trl_rpo._tiny import build_causal_lm, build_tokenizer, save_tiny_causal_lm, save_tiny_seq2seq_lm  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory) -> str:
     return save_tiny_causal_lm(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def other_model_dir(tmp_path_factory) -> str:
+    """The tiny Llama's architecture and tokenizer with other weights (another seed)."""
+    tokenizer = build_tokenizer()
+    folder = tmp_path_factory.mktemp("tiny-llama-seed1")
+    build_causal_lm(tokenizer, seed=1).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
 
 
 @pytest.fixture(scope="session")

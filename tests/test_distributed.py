@@ -124,17 +124,6 @@ def test_fsdp2_on_cpu_matches_one_process(model_dir, single, tmp_path, lora):
         assert records[0]["losses"][0] == pytest.approx(single["losses"][0], rel=1e-5)
 
 
-@pytest.fixture(scope="module")
-def other_model_dir(tmp_path_factory) -> str:
-    from trl_rpo._tiny import build_causal_lm, build_tokenizer
-
-    tokenizer = build_tokenizer()
-    folder = tmp_path_factory.mktemp("tiny-llama-seed1")
-    build_causal_lm(tokenizer, seed=1).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
-
-
 @pytest.mark.slow
 def test_zero3_two_models_one_cache_get_their_own_values(model_dir, other_model_dir, single, tmp_path):
     """Under ZeRO-3, a second model of the same architecture with the same data and cache folder is a cache miss

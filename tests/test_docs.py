@@ -59,3 +59,17 @@ def test_changelog_agrees_with_the_version():
     else:
         assert headings[0] == str(version) or headings[:2] == ["Unreleased", str(version)]
     assert "keepachangelog.com" in changelog
+
+
+def test_relative_links_resolve():
+    """Every relative link of the READMEs and docs/ pages points at a file that exists (anchors aside)."""
+    pages = [ROOT / "README.md", ROOT / "benchmarks" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    checked = 0
+    for page in pages:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if re.match(r"[a-z]+://|#|mailto:", target):
+                continue
+            path = (page.parent / target.split("#", 1)[0]).resolve()
+            assert path.exists(), f"{page.relative_to(ROOT)} links to {target}, which does not exist"
+            checked += 1
+    assert checked > 5

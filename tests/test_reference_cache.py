@@ -12,7 +12,7 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM
 
 from trl_rpo import RPOTrainer, reference_cache
-from trl_rpo._tiny import build_causal_lm, build_tokenizer
+from trl_rpo._tiny import build_tokenizer
 
 
 def _cached(make_args, **kwargs):
@@ -26,16 +26,6 @@ def _cache_files(tmp_path) -> list[str]:
 
 def _ref_logps(trainer) -> list[float]:
     return list(trainer.train_dataset["ref_logps"])
-
-
-@pytest.fixture(scope="module")
-def other_model_dir(tmp_path_factory) -> str:
-    """The tiny Llama's architecture and tokenizer with other weights (another seed)."""
-    tokenizer = build_tokenizer()
-    folder = tmp_path_factory.mktemp("tiny-llama-seed1")
-    build_causal_lm(tokenizer, seed=1).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
 
 
 def test_hit_reuses_the_logps_and_recomputes_the_targets(model_dir, make_args, reward_dataset, monkeypatch, tmp_path):

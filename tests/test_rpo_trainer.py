@@ -337,13 +337,22 @@ def _halved(model_dir):
 
 
 def test_explicit_ref_model_is_released_after_the_target_pass(model_dir, make_args, reward_dataset, monkeypatch):
-    trainer = RPOTrainer(model_dir, ref_model=_halved(model_dir), args=make_args(), train_dataset=reward_dataset)
+    import gc
+    import weakref
+
+    ref_model = _halved(model_dir)
+    alive = weakref.ref(ref_model)
+    trainer = RPOTrainer(model_dir, ref_model=ref_model, args=make_args(), train_dataset=reward_dataset)
+    del ref_model
+    gc.collect()
     assert trainer.ref_model is None
+    assert alive() is None  # nothing (the trainer, its accelerator) holds the reference any more: its memory is free
     with pytest.raises(ValueError, match="released after the target pass.*keep_ref_model=True"):
         trainer.evaluate(Dataset.from_dict(reward_rows(num_prompts=2)))
     kept = RPOTrainer(
         model_dir, ref_model=_halved(model_dir), args=make_args(keep_ref_model=True), train_dataset=reward_dataset
     )
+    assert kept.ref_model is not None
     seen = _capture_target_passes(kept, monkeypatch)
     kept.evaluate(reward_dataset)
     # the new split is scored by the kept reference: the same values as the training split's, row for row

@@ -664,6 +664,8 @@ class RPOTrainer(KTOTrainer):
             return
         if not (self.is_deepspeed_enabled or self.is_fsdp_enabled):  # sharded engines are freed with the trainer's ref
             self.accelerator.unwrap_model(self.ref_model).to("cpu")
+        # `accelerator.prepare_model` keeps every model it prepared: drop that hold too.
+        self.accelerator._models = [m for m in self.accelerator._models if m is not self.ref_model]
         self.ref_model = None
         self._ref_model_released = True
         clear_device_cache(garbage_collection=True)
