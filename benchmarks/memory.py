@@ -288,7 +288,7 @@ def table(results: list[dict], cuda: bool) -> str:
         params = fmt(r["policy_param_bytes"], MB, 1)
         if r["ref_param_bytes"]:
             params += f" + {fmt(r['ref_param_bytes'], MB, 1)}"
-        row = [r["description"], f"{r['trainable_params']:,}", params, fmt(r["rss_after_build_bytes"], MB)]
+        row = [r["description"], f"{int(r['trainable_params']):,}", params, fmt(r["rss_after_build_bytes"], MB)]
         row += [fmt(r.get("rss_in_training_bytes"), MB)]
         row += [fmt(r["peak_rss_bytes"], MB), fmt(above_imports(r), MB), fmt(anon_above_imports(r), MB)]
         row += [fmt(r["gpu_peak_bytes"], MB)] if cuda else []

