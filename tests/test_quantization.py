@@ -50,9 +50,12 @@ def test_quantized_lora_trains_only_the_adapter(
 
 def test_quantization_through_model_init_kwargs(model_dir, make_args, reward_dataset):
     """`model_init_kwargs={"quantization_config": ...}` (as a YAML recipe may set it) works the same way."""
-    args = make_args(max_steps=1, model_init_kwargs={"quantization_config": QUANTIZATIONS["4bit"]})
+    args = make_args(
+        max_steps=1, model_init_kwargs={"quantization_config": QUANTIZATIONS["4bit"]}, cache_ref_log_probs=True
+    )
     peft_config = LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM")
     trainer = RPOTrainer(model_dir, args=args, train_dataset=reward_dataset, peft_config=peft_config)
     assert trainer.model.get_base_model().is_loaded_in_4bit
+    assert trainer.target_pass_log["train"]["cache"] == "miss"  # the cache key digests the packed 4-bit weights
     trainer.train()
     assert math.isfinite(trainer.state.log_history[0]["loss"])
