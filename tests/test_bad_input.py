@@ -251,3 +251,24 @@ def test_errors_name_the_users_rows_of_paired_data(model_dir, make_args, caplog)
         RPOTrainer(
             model_dir, args=make_args(reward_normalization="none"), train_dataset=Dataset.from_dict(pairs | scores)
         )
+
+
+def test_construction_never_reads_a_whole_column_into_python(model_dir, make_args, monkeypatch):
+    """Validation, lengths, keys and targets read Arrow batches: `dataset["column"]` (a whole column as Python
+    objects on every rank, ≈ 70 bytes per token for token ids) is never called while the trainer is built."""
+    from datasets import Dataset as HFDataset
+
+    real = HFDataset.__getitem__
+
+    def guarded(self, key):
+        if isinstance(key, str):
+            raise AssertionError(f"dataset[{key!r}] read a whole column into Python")
+        return real(self, key)
+
+    paired = {"prompt": ["1 + 1 =", "2 + 2 ="] * 3, "chosen": [" 2", " 4"] * 3, "rejected": [" 3", " 5"] * 3}
+    for rows in (reward_rows(), paired):
+        dataset = Dataset.from_dict(rows)
+        monkeypatch.setattr(HFDataset, "__getitem__", guarded)
+        trainer = RPOTrainer(model_dir, args=make_args(max_length=16), train_dataset=dataset, eval_dataset=dataset)
+        monkeypatch.setattr(HFDataset, "__getitem__", real)
+        assert len(trainer.train_dataset) == len(dataset) * (2 if "chosen" in rows else 1)

@@ -539,7 +539,7 @@ class RPOTrainer(KTOTrainer):
         settings are applied afterwards, which takes well under a second.
         """
         model = self._reference_model()
-        log = self.target_pass_log.setdefault(name, {"cache": "off", "rows_scored_here": 0})
+        log = self.target_pass_log[name] = {"cache": "off", "rows_scored_here": 0}  # this pass's, not a previous one's
         cache_file = self._cache_file(dataset, model) if self.args.cache_ref_log_probs else None
         cached = [None]
         if cache_file is not None and self.accelerator.is_main_process:
