@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from trl_rpo import RPOConfig  # noqa: E402
-from trl_rpo._tiny import build_tokenizer  # noqa: E402
+from trl_rpo.testing import build_tokenizer  # noqa: E402
 
 
 def build_model(output_dir: Path, hidden: int, layers: int) -> str:

