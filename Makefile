@@ -5,7 +5,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install demo tiny-demo test quality style clean
+WHEEL_VENV ?= .venv-wheel
+
+.PHONY: install demo tiny-demo test quality style wheel-check clean
 
 # torch first and pinned: an unpinned torch pulled in by accelerate can fetch a multi-GB CUDA build.
 $(VENV)/.installed: pyproject.toml
@@ -28,6 +30,17 @@ tiny-demo: install
 test: install
 	$(PY) -m pytest
 
+# Build the wheel and sdist, check their metadata, install the wheel alone in a fresh virtual environment and train
+# through its `trl-rpo` entry point from outside the checkout (what `pip install trl-rpo` gives a user).
+wheel-check: install
+	rm -rf dist $(WHEEL_VENV)
+	$(PY) -m build --outdir dist .
+	$(VENV)/bin/twine check --strict dist/*
+	$(PYTHON) -m venv $(WHEEL_VENV)
+	$(WHEEL_VENV)/bin/python -m pip install --quiet torch==2.13.0
+	$(WHEEL_VENV)/bin/python -m pip install --quiet dist/*.whl
+	cd $(shell mktemp -d) && $(abspath $(WHEEL_VENV))/bin/python $(abspath .ci/wheel_smoke.py)
+
 quality: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -37,4 +50,4 @@ style: install
 	$(VENV)/bin/ruff format .
 
 clean:
-	rm -rf $(VENV) outputs .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(WHEEL_VENV) dist outputs .pytest_cache .ruff_cache *.egg-info

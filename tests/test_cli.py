@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from datasets import Dataset, DatasetDict
 
+import trl_rpo
 from trl_rpo.cli import cli, load_rpo_dataset, main, make_parser, rename_rpo_columns
 
 
@@ -150,3 +151,19 @@ def test_default_columns_are_left_alone(tmp_path):
     script_args, *_ = parse("--output_dir", str(tmp_path))
     dataset = DatasetDict({"train": Dataset.from_dict({"prompt": ["q"], "completion": ["a"], "label": [True]})})
     assert rename_rpo_columns(dataset, script_args) is dataset  # a KTO `label` dataset needs no `reward` column
+
+
+def test_accelerate_config_names_resolve_to_the_packaged_files(tmp_path, monkeypatch):
+    """`--accelerate_config zero3` finds the config shipped inside the package, from any working directory (as from
+    an installed wheel); a `recipes/accelerate_configs/NAME.yaml` of the working directory wins."""
+    from trl_rpo.cli import ACCELERATE_CONFIGS, resolve_accelerate_config
+
+    monkeypatch.chdir(tmp_path)
+    assert ACCELERATE_CONFIGS.parent == Path(trl_rpo.__file__).resolve().parent
+    args = resolve_accelerate_config(["--accelerate_config", "zero3", "--num_processes", "2"])
+    assert args[args.index("--config_file") + 1] == str(ACCELERATE_CONFIGS / "zero3.yaml")
+    own = tmp_path / "recipes" / "accelerate_configs" / "zero3.yaml"
+    own.parent.mkdir(parents=True)
+    own.write_text((ACCELERATE_CONFIGS / "zero3.yaml").read_text())
+    args = resolve_accelerate_config(["--accelerate_config", "zero3"])
+    assert args[args.index("--config_file") + 1] == str(own)

@@ -225,14 +225,19 @@ def main(
     trainer.end()
 
 
+# The accelerate configs ship inside the package (also reachable as `recipes/accelerate_configs/` in a checkout).
+ACCELERATE_CONFIGS = Path(__file__).resolve().parent / "accelerate_configs"
+
+
 def resolve_accelerate_config(launch_args: list[str]) -> list[str]:
-    """`--accelerate_config NAME|PATH` → `--config_file PATH`: a file, else `recipes/accelerate_configs/NAME.yaml`
-    (from the working directory or this repository), else one of the configs TRL ships under that name."""
+    """`--accelerate_config NAME|PATH` → `--config_file PATH`: an existing file, else `recipes/accelerate_configs/
+    NAME.yaml` in the working directory (your own configs), else `NAME.yaml` among the configs shipped inside trl_rpo
+    (so it works from an installed wheel), else one of the configs TRL ships under that name."""
     if "--accelerate_config" in launch_args:
         index = launch_args.index("--accelerate_config") + 1
         name = launch_args[index] if index < len(launch_args) else ""
-        for root in (Path.cwd(), Path(__file__).resolve().parents[1]):
-            candidate = root / "recipes" / "accelerate_configs" / f"{name}.yaml"
+        for folder in (Path.cwd() / "recipes" / "accelerate_configs", ACCELERATE_CONFIGS):
+            candidate = folder / f"{name}.yaml"
             if name and not Path(name).is_file() and candidate.is_file():
                 launch_args = [*launch_args[:index], str(candidate), *launch_args[index + 1 :]]
                 break
