@@ -280,6 +280,14 @@ def test_rpo_config_is_refused(model_dir, make_args, reward_dataset):
         DROTrainer(model_dir, args=make_args(), train_dataset=reward_dataset)
 
 
+def test_dro_config_is_refused_by_rpo_trainer(model_dir, make_dro_args, reward_dataset):
+    """DROConfig subclasses RPOConfig; given one, RPOTrainer would train RPO with DRO's τ = 1 and no sparse prompts."""
+    from trl_rpo import RPOTrainer
+
+    with pytest.raises(TypeError, match="must be a `RPOConfig`, got `DROConfig`"):
+        RPOTrainer(model_dir, args=make_dro_args(), train_dataset=reward_dataset)
+
+
 @pytest.mark.parametrize("value_model_type", ["shared", "separate"])
 def test_encoder_decoder_policy(t5_dir, make_dro_args, reward_dataset, value_model_type):
     # "shared" reads the encoder's last prompt token; "separate" mean-pools a T5 encoder of its own.

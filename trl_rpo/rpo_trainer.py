@@ -262,10 +262,12 @@ class RPOTrainer(KTOTrainer):
         if args is None:
             model_name = model if isinstance(model, str) else get_config_model_id(model.config)
             args = config_class(f"{model_name.split('/')[-1]}-{self._name}")
-        elif not isinstance(args, config_class):
+        elif not isinstance(args, config_class) or args.loss_type not in config_class._loss_types:
+            # A subclass of the config for another objective (DROConfig is an RPOConfig) would train the wrong loss.
             raise TypeError(
                 f"`args` must be a `{config_class.__name__}`, got `{type(args).__name__}`: rename `KTOConfig(...)` "
-                f"to `{config_class.__name__}(...)` (same arguments; options without meaning here are reported)."
+                f"(or another trainer's config) to `{config_class.__name__}(...)` (same arguments; options without "
+                "meaning here are reported)."
             )
         _refuse_iterable(train_dataset, "train")
         for name, split in eval_dataset.items() if isinstance(eval_dataset, dict) else [("eval", eval_dataset)]:
