@@ -81,3 +81,22 @@ def test_unknown_choices_are_rejected_in_python_too(option, value, tmp_path):
 def test_min_completions_must_be_positive(tmp_path):
     with pytest.raises(ValueError, match="min_completions_per_prompt"):
         RPOConfig(str(tmp_path), min_completions_per_prompt=0)
+
+
+def test_choices_are_typed_and_match_the_losses_module():
+    """Editors and `--help` read the choices from `Literal` types; they are the values `trl_rpo.losses` accepts."""
+    import typing
+
+    from trl_rpo import DROConfig, losses
+    from trl_rpo.dro_config import VALUE_MODEL_TYPES
+
+    fields = RPOConfig.__dataclass_fields__
+    expected = {
+        "logps_aggregation": losses.LOGPS_AGGREGATIONS,
+        "partition_estimator": losses.ESTIMATORS,
+        "reward_normalization": losses.REWARD_NORMALIZATIONS,
+        "sparse_prompt_strategy": losses.SPARSE_PROMPT_STRATEGIES,
+    }
+    for name, values in expected.items():
+        assert typing.get_args(fields[name].type) == values, name
+    assert typing.get_args(DROConfig.__dataclass_fields__["value_model_type"].type) == VALUE_MODEL_TYPES

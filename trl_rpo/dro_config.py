@@ -1,6 +1,6 @@
 import math
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from .rpo_config import RPOConfig
 
@@ -60,13 +60,12 @@ class DROConfig(RPOConfig):
             "DRO baseline released with the RPO paper."
         },
     )
-    value_model_type: str = field(
+    value_model_type: Literal["shared", "separate"] = field(
         default="shared",
         metadata={
             "help": "'shared': linear head on the policy's last prompt-token hidden state (value gradients reach "
             "the policy backbone); 'separate': `value_model_name_or_path` + linear head on mean-pooled prompt "
             "states.",
-            "choices": list(VALUE_MODEL_TYPES),
         },
     )
     value_model_name_or_path: str | None = field(

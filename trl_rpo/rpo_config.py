@@ -1,7 +1,7 @@
 import math
 import os
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
@@ -94,29 +94,26 @@ class RPOConfig(KTOConfig):
             "reference. Named `beta` like TRL's KL coefficient. Default 5.0, the authors' value."
         },
     )
-    logps_aggregation: str = field(
+    logps_aggregation: Literal["mean", "sum"] = field(
         default="mean",
         metadata={
             "help": "Aggregation of token log-probs into log π(y|x), used for the policy, the reference and the "
             "partition: 'mean' (the authors' code) or 'sum' (sequence log-prob, the paper's derivation).",
-            "choices": list(LOGPS_AGGREGATIONS),
         },
     )
-    partition_estimator: str = field(
+    partition_estimator: Literal["empirical", "monte_carlo", "none"] = field(
         default="empirical",
         metadata={
             "help": "Estimator of log Z(x): 'empirical' (the paper's, over the prompt's distinct completions) or "
             "'monte_carlo' (logsumexp(r/τ) − log n, for completions sampled from the reference) or 'none' (V̂ = 0, the "
             "paper's ablation).",
-            "choices": list(ESTIMATORS),
         },
     )
-    reward_normalization: str = field(
+    reward_normalization: Literal["global", "none", "per_prompt"] = field(
         default="global",
         metadata={
             "help": "'global': z-score with the train split's mean and population std (the authors'); 'none'; "
             "'per_prompt': z-score inside each prompt (a different method).",
-            "choices": list(REWARD_NORMALIZATIONS),
         },
     )
     min_completions_per_prompt: int = field(
@@ -126,12 +123,11 @@ class RPOConfig(KTOConfig):
             "V̂(x); smaller groups follow `sparse_prompt_strategy`."
         },
     )
-    sparse_prompt_strategy: str = field(
+    sparse_prompt_strategy: Literal["global_baseline", "drop", "error"] = field(
         default="global_baseline",
         metadata={
             "help": "Prompts with too few completions: 'global_baseline' (V̂ over all training rows), 'drop' (rows "
             "removed and counted) or 'error'.",
-            "choices": list(SPARSE_PROMPT_STRATEGIES),
         },
     )
     cache_ref_log_probs: bool = field(
