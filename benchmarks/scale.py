@@ -129,10 +129,10 @@ def bare_forward(trainer, dataset, batch_size: int) -> float:
     collated outside the clock."""
     import torch
 
-    from trl_rpo.rpo_trainer import _completion_only_lm_head
+    from trl_rpo.lm_head import completion_only_lm_head
 
     model, elapsed = trainer.model.eval(), 0.0
-    with torch.no_grad(), _completion_only_lm_head(False):
+    with torch.no_grad(), completion_only_lm_head(False):
         for rows in dataset.select_columns(["prompt_ids", "completion_ids"]).iter(batch_size=batch_size):
             examples = [{"prompt_ids": p, "completion_ids": c} for p, c in zip(*rows.values(), strict=True)]
             batch = trainer.data_collator(examples)

@@ -91,7 +91,7 @@ def test_cpu_head_matches_trl_chunked_function(softcap, logit_scale, temperature
     import torch
     import trl.trainer.utils as trl_utils
 
-    from trl_rpo.rpo_trainer import _CompletionHeadOffAccelerator
+    from trl_rpo.lm_head import CompletionHeadOffAccelerator
 
     generator = torch.Generator().manual_seed(0)
     hidden = torch.randn(37, 16, generator=generator, dtype=torch.float64)
@@ -100,7 +100,7 @@ def test_cpu_head_matches_trl_chunked_function(softcap, logit_scale, temperature
     targets = torch.randint(0, 5000, (37,), generator=generator)
     outputs = ("log_probs", "entropy", "mean_logits")
     results = []
-    for function in (trl_utils._ChunkedLogProbFunction, _CompletionHeadOffAccelerator):
+    for function in (trl_utils._ChunkedLogProbFunction, CompletionHeadOffAccelerator):
         h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
         log_probs, entropy, _, mean_logits, _ = function.apply(
             h, w, bias, targets, temperature, 1024, softcap, logit_scale, outputs
@@ -119,17 +119,17 @@ def test_cpu_head_context_computes_only_what_rpo_reads_and_restores_trl():
     import torch
     import trl.trainer.utils as trl_utils
 
-    from trl_rpo.rpo_trainer import _completion_only_lm_head, _CompletionHeadOffAccelerator
+    from trl_rpo.lm_head import CompletionHeadOffAccelerator, completion_only_lm_head
 
     trl_function = trl_utils._ChunkedLogProbFunction
     args = (torch.randn(5, 8), torch.randn(50, 8), None, torch.randint(0, 50, (5,)), 1.0, 1024, None, 1.0)
     every_output = ("log_probs", "entropy", "mean_logits")
     for with_entropy in (True, False):
-        with _completion_only_lm_head(with_entropy):
+        with completion_only_lm_head(with_entropy):
             log_probs, entropy, _, mean_logits, _ = trl_utils._ChunkedLogProbFunction.apply(*args, every_output)
         assert trl_utils._ChunkedLogProbFunction is trl_function
         assert log_probs.shape == (5,)
         assert (entropy is not None) == with_entropy
         assert mean_logits is None
     # outside the context the stand-in computes whatever it is asked again (the equivalence test relies on it)
-    assert _CompletionHeadOffAccelerator.apply(*args, every_output)[3] is not None
+    assert CompletionHeadOffAccelerator.apply(*args, every_output)[3] is not None

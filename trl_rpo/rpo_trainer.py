@@ -11,7 +11,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
-import trl.trainer.utils as trl_utils
 from accelerate.logging import get_logger
 from accelerate.utils import broadcast_object_list, is_peft_model, tqdm
 from accelerate.utils.fsdp_utils import fsdp2_apply_ac, fsdp2_prepare_model
@@ -42,6 +41,7 @@ from trl.trainer.utils import (
 
 from . import reference_cache
 from .data import check_rows, column_numpy, describe_rows, list_lengths, prepare_rows_batch, token_ids_digest
+from .lm_head import completion_only_lm_head
 from .losses import normalize_rewards, pairwise_ranking_counts, rpo_loss, rpo_targets
 from .modeling import disable_dropout, trainable_bnb_layout
 from .rpo_config import RPOConfig
@@ -688,7 +688,7 @@ class RPOTrainer(KTOTrainer):
             if self.aux_loss_enabled and model is not self.ref_model:
                 kwargs["output_router_logits"] = True
             labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
-            with _completion_only_lm_head(with_entropy):
+            with completion_only_lm_head(with_entropy):
                 outputs = model(**kwargs, labels=labels, fused_lm_head=True)
             # Position i predicts token i + 1; prompt-learning PEFT prepends virtual tokens, so keep the last ones.
             mask = batch["completion_mask"][:, 1:]
@@ -822,68 +822,6 @@ class RPOTrainer(KTOTrainer):
             prefix = metric_key_prefix if not isinstance(eval_dataset, dict) else f"{metric_key_prefix}_{name}"
             metrics |= super(KTOTrainer, self).evaluate(split, ignore_keys, prefix)
         return metrics
-
-
-# Above this many logits (completion tokens x vocabulary; 256 MB in fp32) the CPU head goes back to TRL's tiles.
-_PLAIN_HEAD_MAX_LOGITS = 2**26
-
-
-class _CompletionHeadOffAccelerator:
-    """Stands in for TRL's `_ChunkedLogProbFunction` inside `_completion_only_lm_head()` (same `apply` signature).
-
-    On CPU and MPS, TRL's tiled log-prob function falls back to several plain-torch passes per tile and recomputes
-    the projection in backward: 1.2x a plain PyTorch step on its own in benchmarks/throughput.py. When the logits
-    of the completion tokens are small enough to hold, they are computed once here (projection, TRL's scale /
-    softcap / temperature transform, one `log_softmax` kept for backward) and the entropy and mean logit are read
-    from them without gradient. On accelerators, or for larger batches, TRL's function runs. Either way only the
-    outputs in `keep` are computed (when set): KTO's set-up asks for the mean logit, which RPO never logs, and the
-    reference pass needs no entropy.
-    """
-
-    chunked = trl_utils._ChunkedLogProbFunction
-    keep: tuple[str, ...] | None = None
-
-    @classmethod
-    def apply(cls, hidden, weight, bias, targets, temperature, chunk_size, softcap, logit_scale, outputs):
-        if cls.keep is not None:
-            outputs = tuple(name for name in outputs if name in cls.keep)
-        too_big = hidden.shape[0] * weight.shape[0] > _PLAIN_HEAD_MAX_LOGITS
-        if hidden.device.type not in ("cpu", "mps") or too_big or {"log_sum_sq_probs", "is_top1"} & set(outputs):
-            return cls.chunked.apply(
-                hidden, weight, bias, targets, temperature, chunk_size, softcap, logit_scale, outputs
-            )
-        logits = torch.nn.functional.linear(hidden, weight, bias).float() * logit_scale
-        if softcap is not None:
-            logits = softcap * torch.tanh(logits / softcap)
-        logits = logits / temperature  # TRL's order: scale, softcap, temperature
-        log_probs = logits.log_softmax(-1)
-        token_logps = log_probs.gather(-1, targets[:, None]).squeeze(-1)
-        with torch.no_grad():
-            entropy = -(log_probs.exp() * log_probs).sum(-1) if "entropy" in outputs else None
-            mean_logits = logits.mean(-1) if "mean_logits" in outputs else None
-        return token_logps, entropy, None, mean_logits, None
-
-
-@contextlib.contextmanager
-def _completion_only_lm_head(with_entropy: bool):
-    """Make TRL's fused LM head cheap on CPU and MPS, with the same results.
-
-    1. It projects only the labelled (completion) positions on CUDA/XPU but every position elsewhere (fixed tile
-       shapes, for Neuron's compiler): on CPU/MPS that multiplies the head's work by sequence/completion length for
-       nothing (3.2x RPO's step time in benchmarks/throughput.py), so it is switched to the labelled positions.
-    2. Its log-prob function is replaced there by `_CompletionHeadOffAccelerator` (see its docstring).
-    3. Everywhere, only the log-probs (and the entropy, if `with_entropy`) are computed.
-    """
-    original = trl_utils._use_triton
-    trl_utils._use_triton = lambda device: original(device) or device.type in ("cpu", "mps")
-    trl_utils._ChunkedLogProbFunction = _CompletionHeadOffAccelerator
-    _CompletionHeadOffAccelerator.keep = ("log_probs", "entropy") if with_entropy else ("log_probs",)
-    try:
-        yield
-    finally:
-        trl_utils._use_triton = original
-        trl_utils._ChunkedLogProbFunction = _CompletionHeadOffAccelerator.chunked
-        _CompletionHeadOffAccelerator.keep = None
 
 
 def _is_encoder_decoder(model, args: RPOConfig) -> bool:
