@@ -11,7 +11,7 @@ from peft import LoraConfig
 from transformers import AutoModelForCausalLM
 
 from trl_rpo import RPOTrainer
-from trl_rpo.rpo_trainer import DataCollatorForRewardedCompletions
+from trl_rpo.data import DataCollatorForRewardedCompletions
 
 
 def _snapshot(model) -> dict[str, torch.Tensor]:
