@@ -39,7 +39,7 @@ wheel-check: install
 	$(PYTHON) -m venv $(WHEEL_VENV)
 	$(WHEEL_VENV)/bin/python -m pip install --quiet torch==2.13.0
 	$(WHEEL_VENV)/bin/python -m pip install --quiet dist/*.whl
-	cd $(shell mktemp -d) && $(abspath $(WHEEL_VENV))/bin/python $(abspath .ci/wheel_smoke.py)
+	cd "$$(mktemp -d)" && $(abspath $(WHEEL_VENV))/bin/python $(abspath .ci/wheel_smoke.py)
 
 quality: install
 	$(VENV)/bin/ruff check .
