@@ -105,3 +105,16 @@ def assert_only_adapter_moved(before: dict, model) -> None:
             assert not torch.equal(before[name], param), f"adapter {name} did not move"
         else:
             torch.testing.assert_close(before[name], param, rtol=0, atol=0)
+
+
+def capture_target_passes(trainer, monkeypatch) -> dict:
+    """Record, by split name, the datasets that come out of the trainer's target pass from now on (e.g. the new
+    splits `evaluate()` prepares)."""
+    seen, real = {}, type(trainer)._precompute_ref_logps
+
+    def spy(self, dataset, name, batch_size, is_train=False):
+        seen[name] = real(self, dataset, name, batch_size, is_train)
+        return seen[name]
+
+    monkeypatch.setattr(type(trainer), "_precompute_ref_logps", spy)
+    return seen

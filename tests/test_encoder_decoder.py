@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import assert_only_adapter_moved, conversational, reward_rows
+from conftest import assert_only_adapter_moved, capture_target_passes, conversational, reward_rows
 from datasets import Dataset
 from peft import LoraConfig
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
@@ -59,10 +59,7 @@ def test_lora_moves_only_the_adapter(t5_dir, make_args, reward_dataset, monkeypa
     trainer.train()
     assert_only_adapter_moved(before, trainer.model)
     # A split first seen after training is scored with the adapter disabled: the bare base model's log-probs.
-    seen, real = {}, RPOTrainer._precompute_ref_logps
-    monkeypatch.setattr(
-        RPOTrainer, "_precompute_ref_logps", lambda self, *a, **k: seen.setdefault(a[1], real(self, *a, **k))
-    )
+    seen = capture_target_passes(trainer, monkeypatch)
     new_split = Dataset.from_dict(reward_rows(num_prompts=5, completions_per_prompt=2))
     metrics = trainer.evaluate({"held_out": new_split})
     base = RPOTrainer(t5_dir, args=make_args(), train_dataset=new_split)

@@ -4,7 +4,6 @@ dtype, attention implementation, truncation or tokenisation; written atomically;
 import logging
 import os
 
-import datasets
 import pytest
 import torch
 from conftest import conversational, reward_rows
@@ -20,8 +19,9 @@ def _cached(make_args, **kwargs):
 
 
 def _cache_files(tmp_path) -> list[str]:
+    """The cache files in this test's own `datasets` cache (conftest points it at `tmp_path`)."""
     folder = tmp_path / "hf_datasets_cache" / "trl_rpo"
-    return sorted(os.listdir(folder)) if folder.exists() else []
+    return sorted(name for name in os.listdir(folder) if name.endswith(".pt")) if folder.exists() else []
 
 
 def _ref_logps(trainer) -> list[float]:
@@ -75,7 +75,7 @@ EAGER = {"attn_implementation": "eager"}
 
 
 @pytest.mark.parametrize("change", ["max_length", "dtype", "attn_implementation", "autocast", "chat_template"])
-def test_what_changes_the_reference_logps_changes_the_key(model_dir, make_args, change):
+def test_what_changes_the_reference_logps_changes_the_key(model_dir, make_args, change, tmp_path):
     """One trainer, then another that differs in exactly one thing ℓ_ref depends on: a miss, not the first's values."""
     dataset = Dataset.from_dict(conversational(reward_rows()))
     first = RPOTrainer(model_dir, args=_cached(make_args, model_init_kwargs=EAGER), train_dataset=dataset)
@@ -95,12 +95,7 @@ def test_what_changes_the_reference_logps_changes_the_key(model_dir, make_args, 
         model_dir, args=_cached(make_args, **options), train_dataset=dataset, processing_class=processing_class
     )
     assert second.target_pass_log["train"]["cache"] == "miss"
-    assert len(_cache_files_of(second)) == 2
-
-
-def _cache_files_of(trainer) -> list[str]:
-    folder = os.path.join(datasets.config.HF_DATASETS_CACHE, "trl_rpo")
-    return [name for name in os.listdir(folder) if name.endswith(".pt")]
+    assert len(_cache_files(tmp_path)) == 2
 
 
 def test_cache_off_writes_nothing(model_dir, make_args, reward_dataset, tmp_path):

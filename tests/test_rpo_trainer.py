@@ -5,7 +5,7 @@ from collections import defaultdict
 
 import pytest
 import torch
-from conftest import assert_only_adapter_moved, conversational, reward_rows
+from conftest import assert_only_adapter_moved, capture_target_passes, conversational, reward_rows
 from datasets import Dataset
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM
@@ -170,24 +170,12 @@ def test_evaluate_on_a_raw_dataset(model_dir, make_args, reward_dataset):
         trainer.evaluate(reward_dataset)
 
 
-def _capture_target_passes(trainer, monkeypatch) -> dict:
-    """Record the splits `evaluate()` prepares, by name, as they come out of the target pass."""
-    seen, real = {}, type(trainer)._precompute_ref_logps
-
-    def spy(self, dataset, name, batch_size, is_train=False):
-        seen[name] = real(self, dataset, name, batch_size, is_train)
-        return seen[name]
-
-    monkeypatch.setattr(type(trainer), "_precompute_ref_logps", spy)
-    return seen
-
-
 def test_evaluate_new_split_after_lora_training_uses_the_base_model(model_dir, make_args, reward_dataset, monkeypatch):
     """A split first seen after training is scored by the base with the adapter disabled, not by the trained policy."""
     peft_config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     trainer = RPOTrainer(model_dir, args=make_args(), train_dataset=reward_dataset, peft_config=peft_config)
     trainer.train()
-    seen = _capture_target_passes(trainer, monkeypatch)
+    seen = capture_target_passes(trainer, monkeypatch)
     new_split = Dataset.from_dict(reward_rows(num_prompts=6, completions_per_prompt=2))
     metrics = trainer.evaluate({"held_out": new_split})
     assert trainer.target_pass_log["held_out"]["rows_scored_here"] == 12  # its reference pass ran
@@ -353,7 +341,7 @@ def test_explicit_ref_model_is_released_after_the_target_pass(model_dir, make_ar
         model_dir, ref_model=_halved(model_dir), args=make_args(keep_ref_model=True), train_dataset=reward_dataset
     )
     assert kept.ref_model is not None
-    seen = _capture_target_passes(kept, monkeypatch)
+    seen = capture_target_passes(kept, monkeypatch)
     kept.evaluate(reward_dataset)
     # the new split is scored by the kept reference: the same values as the training split's, row for row
     assert list(seen["eval"]["ref_logps"]) == pytest.approx(list(kept.train_dataset["ref_logps"]), abs=1e-6)
