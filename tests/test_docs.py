@@ -35,11 +35,14 @@ def test_quick_start_runs(model_dir, tmp_path, monkeypatch):
         assert len(trainer.train_dataset) == 5
 
 
+DOCS = sorted((ROOT / "docs").glob("*.md"))
+
+
 def test_paths_named_in_the_readmes_exist():
-    for readme in (ROOT / "README.md", ROOT / "recipes" / "README.md"):
+    for readme in (ROOT / "README.md", ROOT / "recipes" / "README.md", *DOCS):
         spans = re.findall(r"`([^`\s]+)`", readme.read_text())
         paths = [s for s in spans if re.fullmatch(r"(?:[\w.-]+/)+[\w.-]*\.(?:py|yaml|json|jsonl|md|ipynb)", s)]
-        assert paths, readme
+        assert paths or readme in DOCS, readme
         for path in paths:
             relative = path.split("/", 1)[1] if path.startswith("trl/") else path  # TRL's own files
             candidates = [ROOT / path, ROOT / "recipes" / path, ROOT / "benchmarks" / path]
@@ -63,7 +66,7 @@ def test_changelog_agrees_with_the_version():
 
 def test_relative_links_resolve():
     """Every relative link of the READMEs and docs/ pages points at a file that exists (anchors aside)."""
-    pages = [ROOT / "README.md", ROOT / "benchmarks" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    pages = [ROOT / "README.md", ROOT / "benchmarks" / "README.md", *DOCS]
     checked = 0
     for page in pages:
         for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
@@ -73,3 +76,28 @@ def test_relative_links_resolve():
             assert path.exists(), f"{page.relative_to(ROOT)} links to {target}, which does not exist"
             checked += 1
     assert checked > 5
+
+
+def test_readme_links_every_docs_page():
+    """The README is the front door: every page of docs/ is reachable from it."""
+    linked = set(re.findall(r"\]\(docs/([\w.-]+\.md)", README))
+    assert linked == {page.name for page in DOCS}
+
+
+def test_configuration_page_lists_every_rpo_option_with_its_default():
+    """docs/configuration.md's option table has one row per field RPOConfig adds to KTOConfig, default included."""
+    import dataclasses
+
+    from trl import KTOConfig
+
+    from trl_rpo import RPOConfig
+
+    table = (ROOT / "docs" / "configuration.md").read_text()
+    rows = dict(re.findall(r"^\| `(\w+)` \| `([^`]+)` \|", table, flags=re.MULTILINE))
+    kto_fields = {f.name for f in dataclasses.fields(KTOConfig)}
+    added = [f for f in dataclasses.fields(RPOConfig) if f.name not in kto_fields]
+    assert added
+    for field in added:
+        assert field.name in rows, f"docs/configuration.md has no row for `{field.name}`"
+        assert rows[field.name] == repr(field.default).replace("'", '"'), field.name
+    assert rows["beta"] == repr(RPOConfig.__dataclass_fields__["beta"].default)
