@@ -6,8 +6,11 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 
 WHEEL_VENV ?= .venv-wheel
+# The lowest TRL release pyproject.toml admits, laid over the venv's own (the highest) for `make test-trl-lowest`.
+TRL_LOWEST ?= 1.15.0
+TRL_LOWEST_DIR ?= .trl-lowest
 
-.PHONY: install demo tiny-demo test quality style wheel-check clean
+.PHONY: install demo tiny-demo test test-trl-lowest quality style wheel-check clean
 
 # torch first and pinned: an unpinned torch pulled in by accelerate can fetch a multi-GB CUDA build.
 $(VENV)/.installed: pyproject.toml
@@ -30,6 +33,18 @@ tiny-demo: install
 test: install
 	$(PY) -m pytest
 
+# The same package against the lowest supported TRL: every in-process test (seam, trainers, DRO, encoder-decoder,
+# data, cache, quantization, docs, maths); the multi-process, CLI, benchmark, notebook and SmolLM2 tests run once,
+# in `make test`. TRL is pure Python with the same dependencies, so it is installed alone in a folder that comes first
+# on PYTHONPATH.
+test-trl-lowest: install
+	rm -rf $(TRL_LOWEST_DIR)
+	$(PY) -m pip install --quiet --no-deps --target $(TRL_LOWEST_DIR) trl==$(TRL_LOWEST)
+	PYTHONPATH=$(abspath $(TRL_LOWEST_DIR)) $(PY) -c "import trl; assert trl.__version__ == '$(TRL_LOWEST)', trl.__file__"
+	PYTHONPATH=$(abspath $(TRL_LOWEST_DIR)) $(PY) -m pytest -q --ignore=tests/test_distributed.py \
+		--ignore=tests/test_cli.py --ignore=tests/test_benchmarks.py --ignore=tests/test_notebook.py \
+		--ignore=tests/test_smollm2.py --ignore=tests/test_smollm2_demo.py --ignore=tests/test_recipes.py
+
 # Build the wheel and sdist, check their metadata, install the wheel alone in a fresh virtual environment and train
 # through its `trl-rpo` entry point from outside the checkout (what `pip install trl-rpo` gives a user).
 wheel-check: install
@@ -50,4 +65,4 @@ style: install
 	$(VENV)/bin/ruff format .
 
 clean:
-	rm -rf $(VENV) $(WHEEL_VENV) dist outputs .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(WHEEL_VENV) $(TRL_LOWEST_DIR) dist outputs .pytest_cache .ruff_cache *.egg-info

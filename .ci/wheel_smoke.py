@@ -5,6 +5,8 @@ steps through the installed `trl-rpo` entry point, once in one process and once 
 
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -30,21 +32,46 @@ def main() -> None:
     common = ["--model_name_or_path", model_dir, "--dataset_name", str(rows), "--max_steps", "2", "--report_to",
               "none", "--per_device_train_batch_size", "4", "--save_strategy", "no"]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_CACHE": str(work / "hf"), "CUDA_VISIBLE_DEVICES": ""}
+    env |= {"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}  # 2 ranks on 2 cores: no thread oversubscription
     runs = {
-        "one process": [str(entry_point), *common, "--output_dir", str(work / "single")],
-        "accelerate multi_cpu": [str(entry_point), "--accelerate_config", "multi_cpu", "--num_processes", "2",
-                                 "--main_process_port", "29561", *common, "--output_dir", str(work / "multi")],
+        "one process": lambda: [str(entry_point), *common, "--output_dir", str(work / "single")],
+        "accelerate multi_cpu": lambda: [str(entry_point), "--accelerate_config", "multi_cpu", "--num_processes", "2",
+                                         "--main_process_port", str(_free_port()), *common, "--output_dir",
+                                         str(work / "multi")],
     }  # fmt: skip
     for name, command in runs.items():
-        result = subprocess.run(command, cwd=work, env=env | {"ACCELERATE_USE_CPU": "true"}, capture_output=True,
-                                text=True, check=False)  # fmt: skip
-        if result.returncode != 0:
-            sys.exit(f"{name}: trl-rpo failed\n{result.stderr[-4000:]}")
-        print(f"{name}: {result.stdout.strip().splitlines()[-1]}")
+        print(f"{name}: {_run(name, command, work, env)}", flush=True)
     for folder in ("single", "multi"):
         assert (work / folder / "model.safetensors").is_file(), f"no model saved in {folder}"
         assert "trl-rpo" in (work / folder / "README.md").read_text(), f"no RPO model card in {folder}"
     print(f"wheel check passed: trl_rpo {trl_rpo.__version__} from {package}")
+
+
+def _free_port() -> int:
+    # A fixed port can be held by a process a previous step left behind: ask the OS for an unused one.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _run(name: str, command, work: Path, env: dict, timeout: int = 300) -> str:
+    """Run `command()` and return its last line of output. A run that hangs (seen once on a CI machine, in the
+    2-process launch) is killed with its whole process group, prints what it wrote, and is tried once more on a new
+    port, so that a hang fails in minutes instead of eating CI's time."""
+    for attempt in (1, 2):
+        process = subprocess.Popen(command(), cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                   text=True, start_new_session=True)  # fmt: skip
+        try:
+            output, _ = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)  # the launcher's workers too, or their pipes never close
+            output, _ = process.communicate()
+            print(f"{name}: no result after {timeout} s (try {attempt}); its last output:\n{output[-3000:]}")
+            continue
+        if process.returncode != 0:
+            sys.exit(f"{name}: trl-rpo failed\n{output[-4000:]}")
+        return output.strip().splitlines()[-1]
+    sys.exit(f"{name}: trl-rpo hung twice")
 
 
 if __name__ == "__main__":

@@ -149,6 +149,7 @@ def worker(data_dir: str, batch_size: int, output: str, cache: bool = True) -> N
     from datasets import load_from_disk
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    import trl_rpo.rewarded_trainer as base_module
     import trl_rpo.rpo_trainer as rpo_module
     from trl_rpo import RPOConfig, RPOTrainer
     from trl_rpo.testing import save_tiny_causal_lm
@@ -164,9 +165,9 @@ def worker(data_dir: str, batch_size: int, output: str, cache: bool = True) -> N
     wrap(RPOTrainer, "_reference_pass", phases, "reference_pass")
     wrap(RPOTrainer, "_attach_columns", phases, "column_writing")
     wrap(RPOTrainer, "training_step", phases, "first_step")
-    for name in ("normalize_rewards", "rpo_targets"):
-        real = getattr(rpo_module, name)
-        setattr(rpo_module, name, lambda *a, _real=real, **k: _timed_call(phases, "partition_maths", _real, a, k))
+    for module, name in ((base_module, "normalize_rewards"), (rpo_module, "rpo_targets")):
+        real = getattr(module, name)
+        setattr(module, name, lambda *a, _real=real, **k: _timed_call(phases, "partition_maths", _real, a, k))
     args = RPOConfig(
         output_dir=tempfile.mkdtemp(), report_to="none", max_steps=1, per_device_train_batch_size=8,
         precompute_ref_batch_size=batch_size, save_strategy="no", bf16=False, disable_tqdm=True,

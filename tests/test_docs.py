@@ -17,22 +17,30 @@ def _section(text: str, title: str) -> str:
     return text.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
 
 
+def _run_python_blocks(text: str, where: str, model_dir: str) -> list[dict]:
+    """Run every Python block of `text` in order, with each Hub model id swapped for the tiny offline model and each
+    trainer config capped at two steps; return each block's namespace."""
+    namespaces = []
+    for block in re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL):
+        for model_id in re.findall(r'model="([^"]+)"', block):
+            block = block.replace(f'"{model_id}"', repr(model_dir))
+        block = re.sub(r"\b(RPOConfig|DROConfig)\(", r"\1(report_to='none', max_steps=2, ", block)
+        namespace = {}
+        exec(compile(block, where, "exec"), namespace)  # noqa: S102
+        namespaces.append(namespace)
+    return namespaces
+
+
 def test_quick_start_runs(model_dir, tmp_path, monkeypatch):
     """Every Python block of the quick start, with the Hub model id swapped for the tiny offline model."""
-    blocks = re.findall(r"```python\n(.*?)```", _section(README, "Quick start"), flags=re.DOTALL)
-    assert blocks
     monkeypatch.chdir(tmp_path)
-    for block in blocks:
-        model_ids = re.findall(r'model="([^"]+)"', block)
-        assert model_ids, "the quick start should name a model"
-        for model_id in model_ids:
-            block = block.replace(f'"{model_id}"', repr(model_dir))
-        block = block.replace("RPOConfig(", "RPOConfig(report_to='none', max_steps=2, ")
-        namespace = {}
-        exec(compile(block, "README quick start", "exec"), namespace)  # noqa: S102
-        trainer = namespace["trainer"]
-        assert trainer.state.global_step == 2
-        assert len(trainer.train_dataset) == 5
+    quick_start = _section(README, "Quick start")
+    assert re.findall(r'model="([^"]+)"', quick_start), "the quick start should name a model"
+    namespaces = _run_python_blocks(quick_start, "README quick start", model_dir)
+    assert namespaces
+    trainer = namespaces[-1]["trainer"]
+    assert trainer.state.global_step == 2
+    assert len(trainer.train_dataset) == 5
 
 
 DOCS = sorted((ROOT / "docs").glob("*.md"))
@@ -101,3 +109,19 @@ def test_configuration_page_lists_every_rpo_option_with_its_default():
         assert field.name in rows, f"docs/configuration.md has no row for `{field.name}`"
         assert rows[field.name] == repr(field.default).replace("'", '"'), field.name
     assert rows["beta"] == repr(RPOConfig.__dataclass_fields__["beta"].default)
+
+
+PAGES_WITH_CODE = ["configuration.md", "dro.md", "loss.md"]
+
+
+def test_python_blocks_of_the_docs_run(model_dir, tmp_path, monkeypatch):
+    """Each docs page's Python blocks run on tiny models; a page that trains shows it trained (its asserts are part of
+    its blocks)."""
+    monkeypatch.chdir(tmp_path)
+    with_code = [page.name for page in DOCS if "```python" in page.read_text()]
+    assert with_code == PAGES_WITH_CODE  # a new page with code joins the list (and so this test) on purpose
+    for name in with_code:
+        for namespace in _run_python_blocks((ROOT / "docs" / name).read_text(), f"docs/{name}", model_dir):
+            if "trainer" in namespace:
+                assert namespace["trainer"].state.global_step == 2, name
+    assert (tmp_path / "qwen-dro" / "value_head.safetensors").is_file()  # docs/dro.md's save_model

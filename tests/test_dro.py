@@ -108,21 +108,18 @@ def test_dro_loss_rejects_bad_inputs():
 # -------------------------------------------------------------------------------------------- DROConfig
 def test_config_defaults(tmp_path):
     args = DROConfig(str(tmp_path), bf16=False)
-    assert isinstance(args, RPOConfig)
+    assert not isinstance(args, RPOConfig)  # siblings: neither trainer accepts the other's config
     assert args.beta == 1.0
     assert args.value_model_type == "shared"
     assert args.value_learning_rate is None
     assert args.rescale_policy_lr is False
-    assert args.min_completions_per_prompt == 1
     assert args.loss_type == "dro"
+    assert (args.logps_aggregation, args.reward_normalization) == ("mean", "global")  # shared with RPOConfig
 
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"partition_estimator": "monte_carlo"}, "no meaning for DRO"),
-        ({"min_completions_per_prompt": 2}, "no meaning for DRO"),
-        ({"sparse_prompt_strategy": "drop"}, "no meaning for DRO"),
         ({"value_model_type": "mlp"}, "value_model_type"),
         ({"value_model_name_or_path": "x"}, "only used with"),
         ({"value_learning_rate": -1.0}, "value_learning_rate"),
@@ -133,6 +130,15 @@ def test_config_defaults(tmp_path):
 def test_config_rejects_options_without_meaning(tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):
         DROConfig(str(tmp_path), bf16=False, **kwargs)
+
+
+@pytest.mark.parametrize("name", ["partition_estimator", "min_completions_per_prompt", "sparse_prompt_strategy"])
+def test_config_has_no_rpo_only_option(tmp_path, name):
+    """RPO's per-prompt partition options do not exist on DROConfig (DRO learns V_φ(x)), so setting one fails."""
+    assert name in RPOConfig.__dataclass_fields__
+    assert name not in DROConfig.__dataclass_fields__
+    with pytest.raises(TypeError, match=name):
+        DROConfig(str(tmp_path), bf16=False, **{name: RPOConfig.__dataclass_fields__[name].default})
 
 
 # ------------------------------------------------------------------------------------------- DROTrainer
@@ -281,7 +287,7 @@ def test_rpo_config_is_refused(model_dir, make_args, reward_dataset):
 
 
 def test_dro_config_is_refused_by_rpo_trainer(model_dir, make_dro_args, reward_dataset):
-    """DROConfig subclasses RPOConfig; given one, RPOTrainer would train RPO with DRO's τ = 1 and no sparse prompts."""
+    """Given a DROConfig, RPOTrainer would train RPO with DRO's τ = 1: a clear error instead."""
     from trl_rpo import RPOTrainer
 
     with pytest.raises(TypeError, match="must be a `RPOConfig`, got `DROConfig`"):
@@ -299,3 +305,16 @@ def test_encoder_decoder_policy(t5_dir, make_dro_args, reward_dataset, value_mod
     assert math.isfinite(trainer.state.log_history[-1]["train_loss"])
     for name, param in trainer.value_model.head.named_parameters():
         assert not torch.equal(head_before[name], param), f"value head {name} did not change"
+
+
+def test_neither_trainer_carries_the_other_objectives_columns(model_dir, make_args, make_dro_args, reward_dataset):
+    """RPO stores targets and values, DRO the normalised reward: each split, collator and batch holds its own."""
+    from trl_rpo import RPOTrainer
+
+    rpo = RPOTrainer(model_dir, args=make_args(), train_dataset=reward_dataset)
+    dro = DROTrainer(model_dir, args=make_dro_args(), train_dataset=reward_dataset)
+    for trainer, own, other in [(rpo, {"target", "value"}, {"reward_z"}), (dro, {"reward_z"}, {"target", "value"})]:
+        batch = next(iter(trainer.get_train_dataloader()))
+        assert own | {"ref_logps", "reward", "group_key"} <= set(batch)
+        carried = set(batch) | set(trainer.train_dataset.column_names) | set(trainer.data_collator.value_columns)
+        assert not other & carried

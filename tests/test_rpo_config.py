@@ -84,19 +84,25 @@ def test_min_completions_must_be_positive(tmp_path):
 
 
 def test_choices_are_typed_and_match_the_losses_module():
-    """Editors and `--help` read the choices from `Literal` types; they are the values `trl_rpo.losses` accepts."""
-    import typing
-
+    """Editors and `--help` read the choices from `Literal` types; they are the values `trl_rpo.losses` accepts, and
+    the only ones each config validates against (one source of truth)."""
     from trl_rpo import DROConfig, losses
-    from trl_rpo.dro_config import VALUE_MODEL_TYPES
 
-    fields = RPOConfig.__dataclass_fields__
-    expected = {
-        "logps_aggregation": losses.LOGPS_AGGREGATIONS,
+    shared = {"logps_aggregation": losses.LOGPS_AGGREGATIONS, "reward_normalization": losses.REWARD_NORMALIZATIONS}
+    assert RPOConfig.literal_choices() == shared | {
         "partition_estimator": losses.ESTIMATORS,
-        "reward_normalization": losses.REWARD_NORMALIZATIONS,
         "sparse_prompt_strategy": losses.SPARSE_PROMPT_STRATEGIES,
+        "loss_type": ("rpo",),
     }
-    for name, values in expected.items():
-        assert typing.get_args(fields[name].type) == values, name
-    assert typing.get_args(DROConfig.__dataclass_fields__["value_model_type"].type) == VALUE_MODEL_TYPES
+    assert DROConfig.literal_choices() == shared | {"value_model_type": ("shared", "separate"), "loss_type": ("dro",)}
+
+
+@pytest.mark.parametrize(
+    ("config", "name"),
+    [("RPOConfig", "partition_estimator"), ("RPOConfig", "loss_type"), ("DROConfig", "value_model_type")],
+)
+def test_each_typed_choice_is_validated(tmp_path, config, name):
+    import trl_rpo
+
+    with pytest.raises(ValueError, match=f"`{name}` must be one of"):
+        getattr(trl_rpo, config)(str(tmp_path), bf16=False, **{name: "kto"})

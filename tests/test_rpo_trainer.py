@@ -224,7 +224,8 @@ def test_model_card_and_tags(model_dir, make_args, reward_dataset, tmp_path):
 
 
 def test_collator_pads_right_and_truncates_before_padding():
-    collator = DataCollatorForRewardedCompletions(pad_token_id=0, max_length=4)
+    value_columns = {"target": torch.float32, "group_key": torch.int64}
+    collator = DataCollatorForRewardedCompletions(pad_token_id=0, max_length=4, value_columns=value_columns)
     batch = collator(
         [
             {"prompt_ids": [1, 2], "completion_ids": [3, 4, 5], "target": 0.5, "group_key": 7},

@@ -1,13 +1,16 @@
 """The TRL internals RPOTrainer relies on. If TRL moves one of these seams, this file fails first and says which.
 
-RPOTrainer subclasses `trl.KTOTrainer` (trl 1.16.x, pinned in pyproject.toml) and overrides or calls the methods
-below; `KTOTrainer.__init__` must still call them the way RPOTrainer expects.
+RPOTrainer and DROTrainer subclass `trl.KTOTrainer` (trl 1.15 to 1.16, the range in pyproject.toml; CI runs this
+file and the trainer tests on both ends) and override or call the methods below; `KTOTrainer.__init__` must still
+call them the way they expect. The one seam that differs between the two releases is the fused LM head's.
 """
 
 import inspect
 
 import pytest
+import torch
 import trl
+import trl.trainer.utils as trl_utils
 from packaging.version import Version
 from transformers import Trainer
 from trl import KTOTrainer
@@ -15,8 +18,11 @@ from trl.data_utils import _tokenize, common_prefix_length
 from trl.trainer.utils import pad, use_adapter  # noqa: F401
 
 
+TRL_1_16 = Version(trl.__version__) >= Version("1.16.0")
+
+
 def test_trl_version_is_the_tested_range():
-    assert Version("1.16.0") <= Version(trl.__version__) < Version("1.17.0")
+    assert Version("1.15.0") <= Version(trl.__version__) < Version("1.17.0")
 
 
 @pytest.mark.parametrize(
@@ -74,22 +80,47 @@ def test_cli_helpers_we_reuse():
 
 
 def test_fused_head_compaction_switch():
-    """RPOTrainer makes the fused head score only labelled positions on CPU through this module-level function."""
-    import torch
-    import trl.trainer.utils as trl_utils
+    """TRL 1.16 scores every position on CPU unless this module-level switch says otherwise (RPO flips it there);
+    TRL 1.15 has no switch and scores only the labelled positions on every device."""
 
-    assert callable(trl_utils._use_triton)
-    assert "compact = _use_triton(hidden_states.device)" in inspect.getsource(trl_utils.add_fused_lm_head)
-    # ... and replaces its log-prob function there, looked up in this module at call time
-    assert "_ChunkedLogProbFunction.apply(" in inspect.getsource(trl_utils.add_fused_lm_head)
-    assert issubclass(trl_utils._ChunkedLogProbFunction, torch.autograd.Function)
+    fused_head = inspect.getsource(trl_utils.add_fused_lm_head)
+    if TRL_1_16:
+        assert callable(trl_utils._use_triton)
+        assert "compact = _use_triton(hidden_states.device)" in fused_head
+        assert issubclass(trl_utils._ChunkedLogProbFunction, torch.autograd.Function)
+    else:
+        assert not hasattr(trl_utils, "_use_triton")
+        assert "hidden_states[mask]" in fused_head
+        # a Triton kernel, None where Triton is not installed: RPO's own head is then the only one on CPU
+        chunked = trl_utils._ChunkedLogProbFunction
+        assert chunked is None or issubclass(chunked, torch.autograd.Function)
+    # ... and RPO replaces its log-prob function, which it looks up in this module at call time
+    assert "_ChunkedLogProbFunction.apply(" in fused_head
+
+
+class _NaiveHead:
+    """The head's maths written out in float64: scale, softcap, temperature, then log-softmax over the vocabulary."""
+
+    @staticmethod
+    def apply(hidden, weight, bias, targets, temperature, chunk_size, softcap, logit_scale, outputs):
+        logits = (hidden @ weight.T + bias) * logit_scale
+        if softcap is not None:
+            logits = softcap * torch.tanh(logits / softcap)
+        log_probs = (logits / temperature).log_softmax(-1)
+        entropy = -(log_probs.exp() * log_probs).sum(-1)
+        return log_probs.gather(-1, targets[:, None]).squeeze(-1), entropy, None, (logits / temperature).mean(-1), None
+
+
+def _references():
+    # TRL's own tiled function where this TRL has one (always on 1.16; on 1.15 only with Triton)
+    return [_NaiveHead] + [f for f in [trl_utils._ChunkedLogProbFunction] if f is not None]
 
 
 @pytest.mark.parametrize(("softcap", "logit_scale", "temperature"), [(None, 1.0, 1.0), (3.0, 0.5, 0.7)])
 def test_cpu_head_matches_trl_chunked_function(softcap, logit_scale, temperature):
-    """RPO's CPU head gives TRL's log-probs, entropy, mean logit and gradients (vocabulary spans several TRL tiles)."""
+    """RPO's CPU head gives TRL's log-probs, entropy, mean logit and gradients (vocabulary spans several TRL tiles),
+    and those of the head's maths written out."""
     import torch
-    import trl.trainer.utils as trl_utils
 
     from trl_rpo.lm_head import CompletionHeadOffAccelerator
 
@@ -99,25 +130,26 @@ def test_cpu_head_matches_trl_chunked_function(softcap, logit_scale, temperature
     bias = torch.randn(5000, generator=generator, dtype=torch.float64)
     targets = torch.randint(0, 5000, (37,), generator=generator)
     outputs = ("log_probs", "entropy", "mean_logits")
-    results = []
-    for function in (trl_utils._ChunkedLogProbFunction, CompletionHeadOffAccelerator):
+
+    def run(function) -> list[torch.Tensor]:
         h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
         log_probs, entropy, _, mean_logits, _ = function.apply(
             h, w, bias, targets, temperature, 1024, softcap, logit_scale, outputs
         )
         (log_probs * torch.linspace(-1, 2, 37, dtype=log_probs.dtype)).sum().backward()
-        results.append([log_probs.double(), entropy.double(), mean_logits.double(), h.grad, w.grad])
+        return [log_probs.double(), entropy.double(), mean_logits.double(), h.grad, w.grad]
+
+    ours = run(CompletionHeadOffAccelerator)
     names = ["log_probs", "entropy", "mean_logits", "d hidden", "d weight"]
-    for name, trl_value, ours in zip(names, *results, strict=True):
-        # TRL accumulates its statistics in float32: agreement to float32 rounding, far below a wrong transform
-        torch.testing.assert_close(ours, trl_value, rtol=1e-5, atol=5e-5, msg=name)
+    for reference in _references():
+        for name, expected, got in zip(names, run(reference), ours, strict=True):
+            # TRL accumulates its statistics in float32: agreement to float32 rounding, far below a wrong transform
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=5e-5, msg=f"{name} vs {reference.__name__}")
 
 
 def test_cpu_head_context_computes_only_what_rpo_reads_and_restores_trl():
     """Inside RPO's context TRL's module sees RPO's head, which skips the mean logit (never logged) and, for the
     reference pass, the entropy; on exit TRL's own function is back."""
-    import torch
-    import trl.trainer.utils as trl_utils
 
     from trl_rpo.lm_head import CompletionHeadOffAccelerator, completion_only_lm_head
 

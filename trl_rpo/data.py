@@ -39,20 +39,19 @@ PAIRED_COLUMNS = ("chosen", "rejected")
 SCORE_COLUMNS = ("score_chosen", "score_rejected")
 # Per-row chat-template inputs that TRL's tokenisation understands; kept next to the RPO columns.
 PASSTHROUGH_COLUMNS = ("tools", "chat_template_kwargs")
-# Columns a trainer adds (TRL's KTO ones included): recomputed, never read from the input.
+# Columns the data preparation and the target pass add (TRL's KTO ones included): recomputed, never read from the
+# input. Each trainer adds the columns of its own objective (`check_rows(..., trainer_columns=...)`).
 DERIVED_COLUMNS = (
-    "source_row", "prompt_ids", "completion_ids", "group_key", "completion_key", "ref_logps", "target", "value",
-    "reward_z", "length", "KL_completion_ids", "ref_KL_logps",
+    "source_row", "prompt_ids", "completion_ids", "group_key", "completion_key", "length", "KL_completion_ids",
+    "ref_KL_logps",
 )  # fmt: skip
 FORMATS_HELP = (
     "RPO accepts `prompt`/`completion`/`reward` (float), `prompt`/`completion`/`label` (bool, KTO format) or "
     "`prompt`/`chosen`/`rejected` with optional `score_chosen`/`score_rejected` (DPO format)."
 )
 _SCAN_BATCH = 10_000
-# Columns the collator turns into per-row tensors; everything else the dataset holds is dropped by the Trainer.
-ROW_TENSOR_COLUMNS = {"ref_logps": torch.float32, "target": torch.float32, "value": torch.float32}
-ROW_TENSOR_COLUMNS |= {"reward": torch.float32, "group_key": torch.int64}
-ROW_TENSOR_COLUMNS |= {"reward_z": torch.float32}  # the normalised reward, stored by DROTrainer
+# Per-row values every trainer's batches carry (metrics read them); each objective adds the columns its loss reads.
+SHARED_ROW_COLUMNS = {"reward": torch.float32, "group_key": torch.int64}
 
 
 @dataclass(frozen=True)
@@ -230,15 +229,16 @@ def _passthrough(columns: set[str]) -> tuple[str, ...]:
     return tuple(c for c in PASSTHROUGH_COLUMNS if c in columns)
 
 
-def check_rows(dataset: Dataset, split: str) -> RowFormat:
+def check_rows(dataset: Dataset, split: str, trainer_columns: tuple[str, ...] = ()) -> RowFormat:
     """Validate a split before any model work and return its [`RowFormat`]; raise one `ValueError` naming the
-    column, the rows (count and first indices, in the user's numbering) and the fix."""
+    column, the rows (count and first indices, in the user's numbering) and the fix. Derived columns (the data
+    preparation's and the calling trainer's `trainer_columns`) are reported as ignored."""
     if len(dataset) == 0:
         raise ValueError(f"The {split} dataset is empty.")
     columns = set(dataset.column_names)
     if "image" in columns or "images" in columns:
         raise ValueError(f"The {split} dataset has image columns; RPOTrainer supports text datasets only for now.")
-    derived = sorted(columns & set(DERIVED_COLUMNS))
+    derived = sorted(columns & {*DERIVED_COLUMNS, *trainer_columns})
     if derived:
         logger.warning(
             f"The {split} dataset carries columns a trainer derived ({', '.join(derived)}). They are ignored and "
@@ -445,19 +445,20 @@ def token_ids_digest(dataset: Dataset, columns: tuple[str, ...] = ("prompt_ids",
 @dataclass
 class DataCollatorForRewardedCompletions(DataCollatorMixin):
     """
-    Pads tokenised `(prompt, completion)` rows on the right and carries RPO's per-row values as tensors.
+    Pads tokenised `(prompt, completion)` rows on the right and carries per-row values as tensors.
 
-    Each example holds `prompt_ids` and `completion_ids` and, once targets exist, `ref_logps`, `target`, `value`,
-    `reward` and `group_key`. For a causal model the output has `input_ids` (prompt + completion),
+    Each example holds `prompt_ids` and `completion_ids` and, once the target pass ran, per-row values: `reward` and
+    `group_key`, and the columns of the trainer's objective (RPO's `ref_logps`, `target`, `value`), which the trainer
+    names in `value_columns` (column → dtype). For a causal model the output has `input_ids` (prompt + completion),
     `attention_mask` and `completion_mask` (1 on completion tokens), truncated to `max_length` before padding
     (keeping the start). For an encoder-decoder model (`is_encoder_decoder=True`) the prompt alone feeds the encoder
     (`input_ids`, `attention_mask`) and the completion is the decoder's target (`completion_ids`, padded with the
-    pad token, and `completion_mask`), each truncated to `max_length`. Per-row values become one tensor each.
+    pad token, and `completion_mask`), each truncated to `max_length`. Each value column present becomes one tensor.
 
     Example:
 
     ```python
-    >>> collator = DataCollatorForRewardedCompletions(pad_token_id=0)
+    >>> collator = DataCollatorForRewardedCompletions(pad_token_id=0, value_columns={"target": torch.float32})
     >>> collator([{"prompt_ids": [1, 2], "completion_ids": [3], "target": 0.5},
     ...           {"prompt_ids": [4], "completion_ids": [5, 6], "target": -0.5}])
     {'input_ids': tensor([[1, 2, 3], [4, 5, 6]]), 'attention_mask': tensor([[1, 1, 1], [1, 1, 1]]),
@@ -469,6 +470,7 @@ class DataCollatorForRewardedCompletions(DataCollatorMixin):
     max_length: int | None = None
     pad_to_multiple_of: int | None = None
     is_encoder_decoder: bool = False
+    value_columns: dict[str, torch.dtype] = field(default_factory=lambda: dict(SHARED_ROW_COLUMNS))
     return_tensors: str = "pt"
 
     def _pad(self, sequences: list[list[int]], value: int) -> torch.Tensor:
@@ -495,7 +497,7 @@ class DataCollatorForRewardedCompletions(DataCollatorMixin):
                     [[0] * len(p) + [1] * len(c) for p, c in zip(prompts, completions, strict=True)], 0
                 ),
             }
-        for column, dtype in ROW_TENSOR_COLUMNS.items():
+        for column, dtype in self.value_columns.items():
             if column in examples[0]:
                 output[column] = torch.tensor([example[column] for example in examples], dtype=dtype)
         return output

@@ -1,15 +1,12 @@
 import math
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import Literal
 
-from .rpo_config import RPOConfig
-
-
-VALUE_MODEL_TYPES = ("shared", "separate")
+from .rewarded_config import RewardedCompletionsConfig
 
 
 @dataclass
-class DROConfig(RPOConfig):
+class DROConfig(RewardedCompletionsConfig):
     r"""
     Configuration class for the [`DROTrainer`], the Direct Reward Optimisation baseline (DRO-V, Richemond et al.,
     "Offline Regularised Reinforcement Learning for Large Language Models Alignment",
@@ -18,8 +15,10 @@ class DROConfig(RPOConfig):
     DRO minimises, jointly over the policy π_θ and a learned value V_φ(x),
     ½·mean_j (r_j − V_φ(x_j) − τ·(log π_θ(y_j|x_j) − log π_ref(y_j|x_j)))². It shares RPO's data formats, reward
     normalisation, log-prob aggregation and reference pass; only the value differs: RPO estimates V̂(x) from the
-    completions of each prompt, DRO learns it, so a prompt with a single completion is trained like any other.
-    Only the parameters specific to DRO, or whose default differs from [`RPOConfig`], are listed below.
+    completions of each prompt, DRO learns it, so a prompt with a single completion is trained like any other (and
+    RPO's `partition_estimator`, `min_completions_per_prompt` and `sparse_prompt_strategy` do not exist here). The
+    options shared with [`RPOConfig`] (`logps_aggregation`, `reward_normalization`, `cache_ref_log_probs`,
+    `keep_ref_model`, and KTOConfig's) are documented there; only DRO's own are listed below.
 
     Parameters:
         beta (`float`, *optional*, defaults to `1.0`):
@@ -41,17 +40,9 @@ class DROConfig(RPOConfig):
             Divide the policy's learning rate by τ, as two public DRO-V implementations do: the policy gradient of
             the loss carries a factor τ, so this keeps the policy's step size comparable across τ. The value
             learning rate is never rescaled.
-
-        > Parameters inherited from RPOConfig with a different default
-
-        min_completions_per_prompt (`int`, *optional*, defaults to `1`):
-            DRO needs no per-prompt partition estimate, so no prompt is sparse: only `1` is accepted.
-            `partition_estimator` and `sparse_prompt_strategy` are unused and must keep their defaults.
         loss_type (`str`, *optional*, defaults to `"dro"`):
-            Only `"dro"`.
+            Only `"dro"`. Kept so that configuration files written for KTO parse.
     """
-
-    _loss_types: ClassVar[tuple[str, ...]] = ("dro",)
 
     beta: float = field(
         default=1.0,
@@ -80,21 +71,11 @@ class DROConfig(RPOConfig):
         default=False,
         metadata={"help": "Divide the policy's learning rate by τ (as some DRO-V implementations do)."},
     )
-    min_completions_per_prompt: int = field(
-        default=1,
-        metadata={"help": "Always 1 for DRO: the learned V_φ(x) needs no per-prompt estimate, no prompt is sparse."},
-    )
-    loss_type: str = field(
-        default="dro",
-        metadata={"help": "Only 'dro'; kept so that KTO configuration files parse.", "choices": ["dro"]},
+    loss_type: Literal["dro"] = field(
+        default="dro", metadata={"help": "Only 'dro'; kept so that KTO configuration files parse."}
     )
 
-    def _check_rpo_options(self) -> None:
-        super()._check_rpo_options()
-        if self.value_model_type not in VALUE_MODEL_TYPES:
-            raise ValueError(
-                f"`value_model_type` must be one of {list(VALUE_MODEL_TYPES)}, got {self.value_model_type!r}."
-            )
+    def _check_options(self) -> None:
         if self.value_model_type == "shared" and self.value_model_name_or_path is not None:
             raise ValueError(
                 "`value_model_name_or_path` is only used with `value_model_type='separate'`; the 'shared' value head "
@@ -103,12 +84,3 @@ class DROConfig(RPOConfig):
         lr = self.value_learning_rate
         if lr is not None and not (isinstance(lr, int | float) and math.isfinite(lr) and lr >= 0):
             raise ValueError(f"`value_learning_rate` must be a finite number ≥ 0 or None, got {lr!r}.")
-        unused = {"min_completions_per_prompt": 1, "partition_estimator": "empirical"}
-        unused["sparse_prompt_strategy"] = "global_baseline"
-        for name, default in unused.items():
-            if getattr(self, name) != default:
-                raise ValueError(
-                    f"`{name}` is an RPO option with no meaning for DRO, got {getattr(self, name)!r}: DRO learns "
-                    "V_φ(x) instead of estimating it from each prompt's completions, so every prompt is trained, "
-                    f"even with a single completion. Remove `{name}` from your configuration."
-                )

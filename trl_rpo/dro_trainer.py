@@ -13,7 +13,7 @@ from trl.trainer.utils import get_config_model_id
 from .dro_config import DROConfig
 from .losses import dro_loss
 from .modeling import disable_dropout
-from .rpo_trainer import RowMetrics, RPOTrainer
+from .rewarded_trainer import RewardedCompletionsTrainer, RowMetrics
 
 
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -51,7 +51,7 @@ class _ZeroValueGrads(TrainerCallback):
         self.trainer.value_model.zero_grad(set_to_none=True)
 
 
-class DROTrainer(RPOTrainer):
+class DROTrainer(RewardedCompletionsTrainer):
     """
     Trainer for the Direct Reward Optimisation baseline (DRO-V) of [Offline Regularised Reinforcement Learning for
     Large Language Models Alignment](https://huggingface.co/papers/2405.19107) (Richemond et al., 2024).
@@ -65,7 +65,8 @@ class DROTrainer(RPOTrainer):
     and saved as `value_head.safetensors` (with `value_head_config.json`) next to the policy in every checkpoint
     and in `save_model()`'s directory. The value network is available as `trainer.value_model`.
 
-    The constructor, data formats, reference options, evaluation and logging are [`RPOTrainer`]'s. The logged
+    The constructor, data formats, reference options, evaluation and logging are those of [`RPOTrainer`] (both build
+    on one base; neither reads the other's options or columns). The logged
     `value` is the mean V_φ(x), `target` the mean (r − V_φ(x))/τ (the log-ratio that would zero the residual) and
     `residual_rms` the root mean square of r − V_φ(x) − τ·log-ratio.
     """
@@ -89,6 +90,7 @@ class DROTrainer(RPOTrainer):
             }"""),
     }
     _config_class = DROConfig
+    _loss_columns = ("ref_logps", "reward_z")  # the normalised reward: V_φ is learnt, nothing else is stored
 
     def __init__(self, model, ref_model=None, args: DROConfig | None = None, *positional, **kwargs):
         self._hidden_states = None

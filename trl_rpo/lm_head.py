@@ -8,6 +8,10 @@ log-probs, that multiplied the step time by 3.2× on CPU (`benchmarks/throughput
 labelled-positions projection there, computes small enough heads with one `log_softmax`, and asks only for the
 outputs the caller needs. It reads two private TRL names (`_use_triton`, `_ChunkedLogProbFunction`); the seam is
 pinned by `tests/test_trl_seam.py`. A draft of the upstream issue is in `docs/upstream_lm_head.md`.
+
+TRL 1.15 projects only the labelled positions everywhere (it has no `_use_triton` switch), and its tiled function is
+a Triton kernel that is `None` where Triton is not installed (PyTorch's CPU wheels): there this module's plain head is
+the only one that runs on CPU, whatever the size.
 """
 
 import contextlib
@@ -32,7 +36,7 @@ class CompletionHeadOffAccelerator:
     reference pass needs no entropy.
     """
 
-    chunked = trl_utils._ChunkedLogProbFunction
+    chunked = trl_utils._ChunkedLogProbFunction  # TRL's own; None on TRL 1.15 without Triton
     keep: tuple[str, ...] | None = None
 
     @classmethod
@@ -40,7 +44,10 @@ class CompletionHeadOffAccelerator:
         if cls.keep is not None:
             outputs = tuple(name for name in outputs if name in cls.keep)
         too_big = hidden.shape[0] * weight.shape[0] > _PLAIN_HEAD_MAX_LOGITS
-        if hidden.device.type not in ("cpu", "mps") or too_big or {"log_sum_sq_probs", "is_top1"} & set(outputs):
+        trl_head = (
+            hidden.device.type not in ("cpu", "mps") or too_big or {"log_sum_sq_probs", "is_top1"} & set(outputs)
+        )
+        if trl_head and cls.chunked is not None:
             return cls.chunked.apply(
                 hidden, weight, bias, targets, temperature, chunk_size, softcap, logit_scale, outputs
             )
@@ -66,13 +73,15 @@ def completion_only_lm_head(with_entropy: bool):
     2. Its log-prob function is replaced there by `CompletionHeadOffAccelerator` (see its docstring).
     3. Everywhere, only the log-probs (and the entropy, if `with_entropy`) are computed.
     """
-    original = trl_utils._use_triton
-    trl_utils._use_triton = lambda device: original(device) or device.type in ("cpu", "mps")
+    original = getattr(trl_utils, "_use_triton", None)  # TRL >= 1.16; 1.15 compacts on every device
+    if original is not None:
+        trl_utils._use_triton = lambda device: original(device) or device.type in ("cpu", "mps")
     trl_utils._ChunkedLogProbFunction = CompletionHeadOffAccelerator
     CompletionHeadOffAccelerator.keep = ("log_probs", "entropy") if with_entropy else ("log_probs",)
     try:
         yield
     finally:
-        trl_utils._use_triton = original
+        if original is not None:
+            trl_utils._use_triton = original
         trl_utils._ChunkedLogProbFunction = CompletionHeadOffAccelerator.chunked
         CompletionHeadOffAccelerator.keep = None

@@ -1,17 +1,11 @@
-import math
-import os
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import Literal
 
-import torch
-from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
-from trl import KTOConfig
-
-from .losses import ESTIMATORS, LOGPS_AGGREGATIONS, REWARD_NORMALIZATIONS, SPARSE_PROMPT_STRATEGIES
+from .rewarded_config import RewardedCompletionsConfig
 
 
 @dataclass
-class RPOConfig(KTOConfig):
+class RPOConfig(RewardedCompletionsConfig):
     r"""
     Configuration class for the [`RPOTrainer`], which trains with Reward Partitioning Optimization (RPO, Faye, Azzag
     and Lebbah, [arXiv 2506.13702](https://huggingface.co/papers/2506.13702)).
@@ -20,7 +14,8 @@ class RPOConfig(KTOConfig):
     Preference Optimization: it regresses the policy/reference log-ratio onto a target built from a scalar reward and
     a value V̂(x) estimated from the data itself (no value network, no pairs).
 
-    `RPOConfig` subclasses [`~trl.KTOConfig`], so every KTO option that makes sense for RPO keeps its name, meaning
+    `RPOConfig` subclasses [`~trl.KTOConfig`] (through `RewardedCompletionsConfig`, which holds the options it shares
+    with [`DROConfig`]), so every KTO option that makes sense for RPO keeps its name, meaning
     and command-line flag, and a `KTOConfig(...)` call can be turned into `RPOConfig(...)` by renaming the class. KTO
     options that have no meaning for RPO are rejected with an error instead of being silently ignored. Only the
     parameters specific to RPO are listed below; see [`~trl.KTOConfig`] and [`~transformers.TrainingArguments`] for
@@ -85,20 +80,11 @@ class RPOConfig(KTOConfig):
     > DeepSpeed on a machine without an accelerator, `ddp_backend` defaults to `"gloo"` (DeepSpeed's CPU backend).
     """
 
-    _loss_types: ClassVar[tuple[str, ...]] = ("rpo",)  # accepted `loss_type` values; a subclass names its own
-
     beta: float = field(
         default=5.0,
         metadata={
             "help": "Temperature τ of RPO: the policy is pulled towards π_ref·exp(r/τ); larger τ stays closer to the "
             "reference. Named `beta` like TRL's KL coefficient. Default 5.0, the authors' value."
-        },
-    )
-    logps_aggregation: Literal["mean", "sum"] = field(
-        default="mean",
-        metadata={
-            "help": "Aggregation of token log-probs into log π(y|x), used for the policy, the reference and the "
-            "partition: 'mean' (the authors' code) or 'sum' (sequence log-prob, the paper's derivation).",
         },
     )
     partition_estimator: Literal["empirical", "monte_carlo", "none"] = field(
@@ -107,13 +93,6 @@ class RPOConfig(KTOConfig):
             "help": "Estimator of log Z(x): 'empirical' (the paper's, over the prompt's distinct completions) or "
             "'monte_carlo' (logsumexp(r/τ) − log n, for completions sampled from the reference) or 'none' (V̂ = 0, the "
             "paper's ablation).",
-        },
-    )
-    reward_normalization: Literal["global", "none", "per_prompt"] = field(
-        default="global",
-        metadata={
-            "help": "'global': z-score with the train split's mean and population std (the authors'); 'none'; "
-            "'per_prompt': z-score inside each prompt (a different method).",
         },
     )
     min_completions_per_prompt: int = field(
@@ -130,93 +109,12 @@ class RPOConfig(KTOConfig):
             "removed and counted) or 'error'.",
         },
     )
-    cache_ref_log_probs: bool = field(
-        default=True,
-        metadata={
-            "help": "Cache each split's reference log-probs on disk, keyed by a digest of the reference weights, "
-            "config, dtype, autocast, attention implementation, token ids and `max_length`."
-        },
-    )
-    keep_ref_model: bool = field(
-        default=False,
-        metadata={
-            "help": "Keep an explicit `ref_model` after the target pass (needed to `evaluate()` new datasets later); "
-            "by default it is moved off the accelerator and released."
-        },
-    )
-    precompute_ref_log_probs: bool = field(
-        default=True,
-        metadata={
-            "help": "Always True for RPO: reference log-probs and targets are computed once per split before training."
-        },
-    )
-    train_sampling_strategy: str = field(
-        default="random",
-        metadata={
-            "help": "Sampler for the training set. Targets are stored per row, so batches may mix prompts.",
-            "choices": ["random", "sequential", "group_by_length"],
-        },
-    )
-    loss_type: str = field(
-        default="rpo",
-        metadata={"help": "Only 'rpo'; kept so that KTO configuration files parse.", "choices": ["rpo"]},
+    loss_type: Literal["rpo"] = field(
+        default="rpo", metadata={"help": "Only 'rpo'; kept so that KTO configuration files parse."}
     )
 
-    def __post_init__(self):
-        self._check_rpo_options()
-        if self.bf16 is None and not self.fp16:
-            # TRL defaults bf16 to True and then fails on CPU; fall back to fp32 where bf16 is not available.
-            self.bf16 = self.use_cpu or is_torch_bf16_gpu_available() or is_torch_xla_available()
-        if self.ddp_backend is None and _deepspeed_without_accelerator(self):
-            # accelerate leaves the backend unset on a CPU-only machine, so it counts one process while DeepSpeed
-            # counts all of them and rejects the batch size; gloo is the CPU backend both agree on.
-            self.ddp_backend = "gloo"
-        super().__post_init__()
-
-    def _check_rpo_options(self) -> None:
-        if not (isinstance(self.beta, int | float) and math.isfinite(self.beta) and self.beta > 0):
-            raise ValueError(f"`beta` (the RPO temperature τ) must be a finite number > 0, got {self.beta!r}.")
-        choices = {
-            "logps_aggregation": LOGPS_AGGREGATIONS,
-            "partition_estimator": ESTIMATORS,
-            "reward_normalization": REWARD_NORMALIZATIONS,
-            "sparse_prompt_strategy": SPARSE_PROMPT_STRATEGIES,
-            "loss_type": self._loss_types,
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"`{name}` must be one of {list(allowed)}, got {getattr(self, name)!r}.")
+    def _check_options(self) -> None:
         if not (isinstance(self.min_completions_per_prompt, int) and self.min_completions_per_prompt >= 1):
             raise ValueError(
                 f"`min_completions_per_prompt` must be an integer ≥ 1, got {self.min_completions_per_prompt!r}."
             )
-        if not self.precompute_ref_log_probs:
-            raise ValueError(
-                "`precompute_ref_log_probs=False` is not supported: RPO needs every completion of a prompt to "
-                "estimate V̂(x), so reference log-probs and targets are always computed before training. Remove the "
-                "option."
-            )
-        kto_only = {
-            "desirable_weight": 1.0,
-            "undesirable_weight": 1.0,
-            "sync_ref_model": False,
-            "ref_model_mixup_alpha": 0.6,
-            "ref_model_sync_steps": 512,
-        }
-        for name, default in kto_only.items():
-            if getattr(self, name) != default:
-                raise ValueError(
-                    f"`{name}` is a KTO option with no meaning for RPO, got {getattr(self, name)!r}. "
-                    + (
-                        "RPO computes V̂(x) from a frozen reference before training, so the reference cannot be "
-                        "synchronised with the policy. "
-                        if "sync" in name or "mixup" in name
-                        else "RPO weights rows by their reward, not by a desirable/undesirable label. "
-                    )
-                    + f"Remove `{name}` from your configuration."
-                )
-
-
-def _deepspeed_without_accelerator(args: RPOConfig) -> bool:
-    deepspeed = args.deepspeed is not None or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
-    return deepspeed and not torch.accelerator.is_available()

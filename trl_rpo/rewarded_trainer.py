@@ -1,0 +1,462 @@
+"""What RPOTrainer and DROTrainer share: the KTOTrainer constructor, data preparation, the target pass around the
+reference pass, the policy's completion log-probs, metrics, logging and evaluation. Each objective adds the per-row
+columns it stores (`_row_columns`) and its loss (`_loss_from_logps`)."""
+
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import Any, ClassVar, NamedTuple
+
+import numpy as np
+import torch
+from accelerate.logging import get_logger
+from accelerate.utils import is_peft_model
+from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
+from transformers import (
+    AutoConfig,
+    AutoProcessor,
+    BitsAndBytesConfig,
+    DataCollator,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    ProcessorMixin,
+    TrainerCallback,
+)
+from transformers.trainer_utils import EvalPrediction
+from trl import KTOTrainer
+from trl.trainer.utils import get_config_model_id, global_then_local_main_first, selective_log_softmax_and_entropy
+
+from .data import (
+    SHARED_ROW_COLUMNS,
+    DataCollatorForRewardedCompletions,
+    check_rows,
+    column_numpy,
+    describe_rows,
+    list_lengths,
+    prepare_rows_batch,
+)
+from .lm_head import completion_only_lm_head
+from .losses import normalize_rewards, pairwise_ranking_counts
+from .modeling import disable_dropout, trainable_bnb_layout
+from .reference_pass import ReferencePassMixin
+from .rewarded_config import RewardedCompletionsConfig
+
+
+logger = get_logger(__name__)
+
+
+class RowMetrics(NamedTuple):
+    """Per-row values of one batch that the trainer logs (`target`, `value`, `log_ratio`, `residual_rms`)."""
+
+    targets: torch.Tensor
+    values: torch.Tensor
+    log_ratios: torch.Tensor
+    residuals: torch.Tensor
+
+
+class RewardedCompletionsTrainer(ReferencePassMixin, KTOTrainer):
+    """
+    Base of [`RPOTrainer`] and [`DROTrainer`], which document the constructor: KTOTrainer's, with a configuration of
+    class `_config_class`. Before training, every split is tokenised and gets one reference pass; the subclass turns
+    the reference log-probs and normalised rewards into the columns its loss reads (`_row_columns`, declared in
+    `_loss_columns`) and computes the loss from the policy's log-probs (`_loss_from_logps`).
+    """
+
+    _name: ClassVar[str]
+    _config_class: ClassVar[type[RewardedCompletionsConfig]]
+    _loss_columns: ClassVar[tuple[str, ...]]  # per-row float columns `_row_columns` adds and the loss reads
+
+    def __init__(
+        self,
+        model: "str | PreTrainedModel | PeftModel",  # noqa: F821
+        ref_model: PreTrainedModel | None = None,
+        args: RewardedCompletionsConfig | None = None,
+        data_collator: DataCollator | None = None,
+        train_dataset: Dataset | IterableDataset | None = None,
+        eval_dataset: Dataset
+        | IterableDataset
+        | DatasetDict
+        | IterableDatasetDict
+        | dict[str, Dataset | IterableDataset]
+        | None = None,
+        processing_class: PreTrainedTokenizerBase | ProcessorMixin | None = None,
+        compute_metrics: Callable[[EvalPrediction], dict] | None = None,
+        callbacks: list[TrainerCallback] | None = None,
+        optimizers: tuple[torch.optim.Optimizer | None, torch.optim.lr_scheduler.LambdaLR | None] = (None, None),
+        quantization_config: "BitsAndBytesConfig | None" = None,
+        peft_config: "PeftConfig | None" = None,  # noqa: F821
+    ):
+        config_class = self._config_class
+        if args is None:
+            model_name = model if isinstance(model, str) else get_config_model_id(model.config)
+            args = config_class(f"{model_name.split('/')[-1]}-{self._name}")
+        elif not isinstance(args, config_class):
+            raise TypeError(
+                f"`args` must be a `{config_class.__name__}`, got `{type(args).__name__}`: rename `KTOConfig(...)` "
+                f"(or another trainer's config) to `{config_class.__name__}(...)` (same arguments; options without "
+                "meaning here are reported)."
+            )
+        _refuse_iterable(train_dataset, "train")
+        for name, split in eval_dataset.items() if isinstance(eval_dataset, dict) else [("eval", eval_dataset)]:
+            _refuse_iterable(split, name)
+        if processing_class is None:
+            processing_class = _load_processing_class(model, args)
+        self.is_encoder_decoder = _is_encoder_decoder(model, args)
+        if data_collator is None:
+            tokenizer = getattr(processing_class, "tokenizer", processing_class)
+            data_collator = DataCollatorForRewardedCompletions(
+                pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token is not None else tokenizer.eos_token_id,
+                max_length=args.max_length,
+                pad_to_multiple_of=None if args.pad_to_multiple_of == "auto" else args.pad_to_multiple_of,
+                is_encoder_decoder=self.is_encoder_decoder,
+                value_columns={**SHARED_ROW_COLUMNS, **dict.fromkeys(self._loss_columns, torch.float32)},
+            )
+        self._reward_stats = None  # set by the training split's target pass, reused by evaluation splits
+        self._data_stats: dict[str, float] = {}
+        self._data_stats_logged = False
+        self._eval_prefix = "eval"
+        self._pair_counts = {"train": [0.0, 0.0], "eval": [0.0, 0.0]}
+        self._eval_rows: list[torch.Tensor] = []  # (log-ratio, reward, group) of rows evaluated since the last log
+        self._ref_weights_digest: str | None = None
+        self._ref_model_released = False
+        # What each split's target pass did on this rank: cache "hit" / "miss" / "off", and the rows it scored.
+        self.target_pass_log: dict[str, dict[str, Any]] = {}
+        logging.getLogger("trl_rpo").setLevel(args.get_process_log_level())
+        super().__init__(
+            model=model,
+            ref_model=ref_model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            quantization_config=quantization_config,
+            peft_config=peft_config,
+        )
+        if args.disable_dropout:  # TRL's helper misses functional dropout (T5's attention): switch off every kind
+            for module in (self.model, self.ref_model):
+                if module is not None:
+                    disable_dropout(module)
+        if self.is_fsdp_enabled and ref_model is None:
+            # TRL loads a reference copy under FSDP for its own precompute; the target pass uses the prepared policy.
+            self.ref_model = None
+        self._compute_targets_of_every_split()
+
+    # Neither RPO nor DRO has a KL term: this switches off KTOTrainer's mismatched-completion machinery (KL columns,
+    # the sequential-sampler and batch-size > 1 requirements, the extra forwards).
+    @property
+    def calculate_KL(self) -> bool:
+        return False
+
+    @calculate_KL.setter
+    def calculate_KL(self, value: bool) -> None:
+        pass
+
+    # KTOTrainer's own precompute (and its hash of every weight) is switched off: the target pass replaces it, run
+    # by `_compute_targets_of_every_split` once the trainer is built, and by `evaluate` for new datasets.
+    @property
+    def precompute_ref_logps(self) -> bool:
+        return False
+
+    @precompute_ref_logps.setter
+    def precompute_ref_logps(self, value: bool) -> None:
+        pass
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        """Validate, expand to `(prompt, completion, reward)` rows and tokenise a split; derived columns in the input
+        are recomputed."""
+        row_format = check_rows(dataset, dataset_name, self._loss_columns)
+        if row_format.conversational and not getattr(self._tokenizer, "chat_template", None):
+            raise ValueError(
+                f"The {dataset_name} dataset is conversational (message lists) but the tokenizer has no chat "
+                "template to render them. Set `tokenizer.chat_template` (e.g. one of trl/chat_templates/), or "
+                "pass plain-string prompts and completions."
+            )
+        with global_then_local_main_first():
+            dataset = dataset.map(
+                prepare_rows_batch,
+                fn_kwargs={
+                    "row_format": row_format,
+                    "processing_class": processing_class,
+                    "is_encoder_decoder": self.is_encoder_decoder,
+                },
+                batched=True,
+                with_indices=True,
+                remove_columns=dataset.column_names,
+                num_proc=args.dataset_num_proc,
+                desc=f"Tokenizing {dataset_name} dataset",
+            )
+        if not self.is_encoder_decoder:
+            self._refuse_empty_prompts(dataset, dataset_name)
+        return dataset
+
+    def _refuse_empty_prompts(self, dataset: Dataset, name: str) -> None:
+        # A causal model predicts each completion token from the tokens before it: with no prompt token, the first
+        # completion token would never be scored.
+        empty = list_lengths(dataset, "prompt_ids") == 0
+        if empty.any():
+            rows = np.unique(column_numpy(dataset, "source_row")[empty])
+            raise ValueError(
+                f"Column 'prompt' of the {name} dataset tokenises to no token in {describe_rows(rows, len(rows))}, "
+                "so the first token of those completions could not be scored. Give those rows a prompt, or use a "
+                "tokenizer that adds a BOS token."
+            )
+
+    def _fits_max_length(self, dataset: Dataset, name: str) -> np.ndarray:
+        """Rows that keep a completion token after truncation: a causal prompt must be shorter than `max_length`.
+
+        An encoder-decoder model truncates prompt and completion separately (the authors' `max_len` for both), so
+        no row loses its whole completion there."""
+        max_length = self.args.max_length
+        if max_length is None or self.is_encoder_decoder:
+            fits = np.ones(len(dataset), dtype=bool)
+        else:
+            fits = list_lengths(dataset, "prompt_ids") < max_length
+        dropped = int((~fits).sum())
+        if dropped == len(fits):
+            raise ValueError(
+                f"Every prompt of the {name} dataset fills `max_length={max_length}` tokens, so no completion token "
+                "is left. Increase `max_length` or shorten the prompts."
+            )
+        if dropped:
+            rows = np.unique(column_numpy(dataset, "source_row")[~fits])
+            logger.warning(
+                f"Dropped {dropped} of {len(fits)} rows of the {name} dataset whose prompt fills "
+                f"`max_length={max_length}` ({describe_rows(rows, len(rows))} of your dataset). Increase `max_length` "
+                "to keep them."
+            )
+        self._data_stats[f"data/{name}_rows_dropped_max_length"] = float(dropped)
+        return fits
+
+    def _set_signature_columns_if_needed(self):
+        if self._signature_columns is None:
+            columns = ["prompt_ids", "completion_ids", *SHARED_ROW_COLUMNS, *self._loss_columns]
+            columns.append(self.args.length_column_name)
+            self._signature_columns = columns
+
+    def _compute_targets_of_every_split(self) -> None:
+        """The target pass of the training split (which fixes the reward statistics), then of each eval split."""
+        args = self.args
+        self.train_dataset = self._precompute_ref_logps(
+            self.train_dataset, "train", args.precompute_ref_batch_size or args.per_device_train_batch_size, True
+        )
+        eval_batch_size = args.precompute_ref_batch_size or args.per_device_eval_batch_size
+        if isinstance(self.eval_dataset, dict):
+            self.eval_dataset = {
+                name: self._precompute_ref_logps(split, name, eval_batch_size)
+                for name, split in self.eval_dataset.items()
+            }
+        elif self.eval_dataset is not None:
+            self.eval_dataset = self._precompute_ref_logps(self.eval_dataset, "eval", eval_batch_size)
+        self._release_ref_model()
+
+    def _precompute_ref_logps(self, dataset: Dataset, name: str, batch_size: int, is_train: bool = False) -> Dataset:
+        """Attach the objective's columns (`_row_columns`) and `length` to every row: one no-grad reference pass (or
+        the cache), then the maths. The training split sets the reward statistics that the eval splits reuse."""
+        fits = self._fits_max_length(dataset, name)
+        scored = dataset if fits.all() else dataset.select(np.flatnonzero(fits))
+        sum_logps, num_tokens = self._reference_logps(scored, name, batch_size)
+        ref_logps = self._aggregate(sum_logps, num_tokens)
+        group_ids = torch.from_numpy(column_numpy(scored, "group_key"))
+        rewards, stats = normalize_rewards(
+            torch.from_numpy(column_numpy(scored, "reward")).to(torch.float64),
+            group_ids,
+            mode=self.args.reward_normalization,
+            stats=None if is_train else self._reward_stats,
+        )
+        if is_train:
+            self._reward_stats = stats
+            if stats.constant and self.args.reward_normalization == "global":
+                logger.warning("The training rewards are constant: they are centred but not scaled.")
+        columns, keep = self._row_columns(scored, name, ref_logps, rewards, group_ids, is_train)
+        return self._attach_columns(dataset, name, fits, columns, keep)
+
+    def _row_columns(
+        self,
+        dataset: Dataset,
+        name: str,
+        ref_logps: torch.Tensor,
+        rewards: torch.Tensor,
+        group_ids: torch.Tensor,
+        is_train: bool,
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The objective's per-row columns (named in `_loss_columns`) and a mask of the rows to keep, from the
+        aggregated reference log-probs and the normalised rewards of `dataset`'s rows (those that fit `max_length`)."""
+        raise NotImplementedError
+
+    def _attach_columns(
+        self, dataset: Dataset, name: str, fits: np.ndarray, columns: dict[str, torch.Tensor], keep: torch.Tensor
+    ) -> Dataset:
+        """Add the columns (computed for the rows that fit) to the whole tokenised split, then keep the rows that fit
+        and that `keep` retains. Adding before selecting leaves the split's Arrow table as is: `add_column` on a
+        selection would first rewrite every column of the selected rows."""
+        for column, values in columns.items():
+            full = np.full(len(dataset), np.nan)
+            full[fits] = values.numpy()
+            dataset = dataset.add_column(column, full)
+        dataset = dataset.add_column(self.args.length_column_name, self._model_input_lengths(dataset))
+        kept = np.flatnonzero(fits)[keep.numpy()]
+        return dataset if len(kept) == len(dataset) else dataset.select(kept)
+
+    def _model_input_lengths(self, dataset: Dataset) -> np.ndarray:
+        """Tokens the model reads per row after truncation (what `train_sampling_strategy='group_by_length'` sorts)."""
+        prompt, completion = list_lengths(dataset, "prompt_ids"), list_lengths(dataset, "completion_ids")
+        max_length = self.args.max_length or np.iinfo(np.int64).max
+        if self.is_encoder_decoder:
+            return np.minimum(prompt, max_length) + np.minimum(completion, max_length)
+        return np.minimum(prompt + completion, max_length)
+
+    def _completion_logps(self, model, batch: dict[str, torch.Tensor], with_entropy: bool = False):
+        """Per row: summed log-prob of the completion tokens, their count, summed token entropy, model outputs."""
+        if self.is_encoder_decoder:
+            mask = batch["completion_mask"]
+            labels = batch["completion_ids"].masked_fill(mask == 0, -100)  # the model shifts them into its decoder
+            outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels)
+            token_logps, entropy = selective_log_softmax_and_entropy(
+                outputs.logits, batch["completion_ids"], entropy_requires_grad=False, row_mask=mask
+            )
+            token_logps = token_logps * mask
+        else:
+            kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+            if self.aux_loss_enabled and model is not self.ref_model:
+                kwargs["output_router_logits"] = True
+            labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+            with completion_only_lm_head(with_entropy):
+                outputs = model(**kwargs, labels=labels, fused_lm_head=True)
+            # Position i predicts token i + 1; prompt-learning PEFT prepends virtual tokens, so keep the last ones.
+            mask = batch["completion_mask"][:, 1:]
+            token_logps, entropy = outputs.log_probs[:, -mask.size(1) :], outputs.entropy
+        entropy = (entropy[:, -mask.size(1) :].detach() * mask).sum(-1) if with_entropy else None
+        return token_logps.sum(-1), mask.sum(-1), entropy, outputs
+
+    def _aggregate(self, sum_logps: torch.Tensor, num_tokens: torch.Tensor) -> torch.Tensor:
+        return sum_logps if self.args.logps_aggregation == "sum" else sum_logps / num_tokens.clamp(min=1)
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        mode = "train" if self.model.training else "eval"
+        batch = {k: (v.to(self.accelerator.device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
+        with contextlib.nullcontext() if mode == "train" else trainable_bnb_layout(model):
+            sum_logps, num_tokens, entropy, outputs = self._completion_logps(model, batch, with_entropy=True)
+        policy_logps = self._aggregate(sum_logps, num_tokens)
+        loss, row = self._loss_from_logps(batch, policy_logps, outputs)
+        if self.aux_loss_enabled:
+            loss = loss + self.router_aux_loss_coef * outputs.aux_loss
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(outputs.aux_loss).mean().item())
+        self._record_metrics(mode, batch, policy_logps.detach(), row, entropy, num_tokens)
+        if return_outputs and not self.is_encoder_decoder:
+            with torch.no_grad():  # `compute_metrics` wants logits, which the fused head never builds
+                outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        if return_outputs:
+            return loss, outputs
+        return loss
+
+    def _loss_from_logps(self, batch, policy_logps: torch.Tensor, outputs) -> tuple[torch.Tensor, RowMetrics]:
+        """The batch loss from the aggregated policy log-probs (and the policy's forward `outputs`), and the per-row
+        values that `_record_metrics` logs."""
+        raise NotImplementedError
+
+    def _record_metrics(self, mode: str, batch, policy_logps, row: RowMetrics, entropy, completion_tokens) -> None:
+        # One gather of a (rows, 10) table and one of the group keys: two syncs per step, whatever the metric count.
+        tokens = batch["attention_mask"].sum(-1) + (completion_tokens if self.is_encoder_decoder else 0)
+        columns = [policy_logps, batch["ref_logps"], row.targets, row.values, row.log_ratios, row.residuals]
+        columns += [batch["reward"], entropy, completion_tokens, tokens]
+        table = self.accelerator.gather_for_metrics(torch.stack([c.float() for c in columns], dim=1)).cpu()
+        groups = self.accelerator.gather_for_metrics(batch["group_key"]).cpu()
+        policy, ref, target, value, log_ratio, residual, reward, entropy, completion_tokens, tokens = table.unbind(1)
+        metrics = self._metrics[mode]
+        for key, column in [("logps/policy", policy), ("logps/ref", ref), ("log_ratio", log_ratio), ("kl", log_ratio)]:
+            metrics[key].append(column.mean().item())
+        metrics["target"].append(target.mean().item())
+        metrics["value"].append(value.mean().item())
+        metrics["rewards/implicit"].append(self.args.beta * log_ratio.mean().item())
+        metrics["_residual_sq"].append(residual.pow(2).mean().item())
+        metrics["entropy"].append((entropy.sum() / completion_tokens.sum().clamp(min=1)).item())
+        if mode == "eval":  # ranked over the whole split at `log`, not only pairs that share a batch
+            self._eval_rows.append(torch.stack([log_ratio.double(), reward.double(), groups.double()], dim=1))
+        else:
+            agree, pairs = pairwise_ranking_counts(log_ratio, reward, groups)  # τ > 0: same order as τ·log-ratio
+            self._pair_counts[mode][0] += agree.item()
+            self._pair_counts[mode][1] += pairs.item()
+        if mode == "train":
+            self._total_train_tokens += int(tokens.sum().item()) // self._tp_size
+        metrics["num_tokens"] = [self._total_train_tokens]
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if self.model.training else "eval"
+        metrics = {key: sum(val) / len(val) for key, val in self._metrics[mode].items() if val}
+        if "_residual_sq" in metrics:  # the root of the mean square, not a mean of per-batch roots
+            metrics["residual_rms"] = metrics.pop("_residual_sq") ** 0.5
+        if mode == "eval" and self._eval_rows:
+            log_ratio, reward, groups = torch.cat(self._eval_rows).unbind(1)
+            agree, pairs = pairwise_ranking_counts(log_ratio, reward, groups)
+            self._pair_counts["eval"] = [agree.item(), pairs.item()]
+            self._eval_rows = []
+        agree, pairs = self._pair_counts[mode]
+        if pairs > 0:
+            metrics["rewards/accuracies"] = agree / pairs
+        if mode == "eval":
+            metrics = {f"{self._eval_prefix}_{key}": val for key, val in metrics.items()}
+        elif not self._data_stats_logged:
+            metrics.update(self._data_stats)
+            self._data_stats_logged = True
+        logs.update(metrics)
+        super(KTOTrainer, self).log(logs, start_time)
+        self._metrics[mode].clear()
+        self._pair_counts[mode] = [0.0, 0.0]
+
+    def evaluation_loop(self, *args, metric_key_prefix: str = "eval", **kwargs):
+        # Remember the split's prefix so that the metrics of `eval_dataset={"a": ...}` are logged as `eval_a_*`.
+        self._eval_prefix = metric_key_prefix
+        return super().evaluation_loop(*args, metric_key_prefix=metric_key_prefix, **kwargs)
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Evaluate the eval split(s) given at construction, a name among them, or new dataset(s), whose targets are
+        then computed here with the training split's reward statistics."""
+        if eval_dataset is None or isinstance(eval_dataset, str):
+            return super(KTOTrainer, self).evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        splits = eval_dataset.items() if isinstance(eval_dataset, dict) else [("eval", eval_dataset)]
+        for name, split in splits:
+            _refuse_iterable(split, name)
+        if self.ref_model is None and not is_peft_model(self.model) and self.state.global_step > 0:
+            raise ValueError(
+                f"Cannot compute {self._name} targets for a dataset passed to `evaluate()` after training started: "
+                "with full fine-tuning and no `ref_model`, the reference is the initial policy, which only exists "
+                "before the first update. Pass the dataset as `eval_dataset` when building the trainer, or pass a "
+                "`ref_model`."
+            )
+        batch_size = self.args.precompute_ref_batch_size or self.args.per_device_eval_batch_size
+        metrics = {}
+        for name, split in splits:
+            split = self._prepare_dataset(split, self.processing_class, self.args, name)
+            split = self._precompute_ref_logps(split, name, batch_size)
+            prefix = metric_key_prefix if not isinstance(eval_dataset, dict) else f"{metric_key_prefix}_{name}"
+            metrics |= super(KTOTrainer, self).evaluate(split, ignore_keys, prefix)
+        return metrics
+
+
+def _is_encoder_decoder(model, args: RewardedCompletionsConfig) -> bool:
+    if isinstance(model, str):
+        revision = (args.model_init_kwargs or {}).get("revision")
+        config = AutoConfig.from_pretrained(model, revision=revision, trust_remote_code=args.trust_remote_code)
+    else:
+        config = model.config
+    return bool(getattr(config, "is_encoder_decoder", False))
+
+
+def _refuse_iterable(dataset, name: str) -> None:
+    if isinstance(dataset, IterableDataset | IterableDatasetDict):
+        raise ValueError(
+            f"The {name} dataset is an `IterableDataset`, but the target pass reads every row before training (RPO's "
+            "V̂(x) needs every completion of a prompt, the reward statistics every row). Use a map-style `Dataset` "
+            "instead (e.g. `load_dataset(..., streaming=False)`): `datasets` memory-maps it from disk, so it works at "
+            "any size."
+        )
+
+
+def _load_processing_class(model, args: RewardedCompletionsConfig):
+    model_id = model if isinstance(model, str) else get_config_model_id(model.config)
+    revision = (args.model_init_kwargs or {}).get("revision")
+    return AutoProcessor.from_pretrained(model_id, revision=revision, trust_remote_code=args.trust_remote_code)
