@@ -51,6 +51,9 @@ def test_expected_recipes_exist():
         *(f"recipes/{model}/rpo/config_{variant}.yaml" for model in PAPER for variant in ("full", "lora")),
         *(f"recipes/qwen2.5-0.5b-instruct/rpo/config_{variant}.yaml" for variant in ("full", "lora", "qlora")),
         "recipes/tiny/rpo/config_cpu.yaml",
+        # public datasets in their own shape (tests/test_dataset_recipes.py)
+        *(f"recipes/qwen2.5-0.5b-instruct/rpo/config_{data}.yaml" for data in ("ultrafeedback", "helpsteer2", "shp")),
+        "recipes/llama-3-8b-instruct/rpo/config_armorm_lora.yaml",
     }
 
 

@@ -13,6 +13,8 @@ The arguments are the fields of [`RPOScriptArguments`], [`RPOConfig`], [`~trl.Mo
 them, and an unknown key or flag is an error. `python -m trl_rpo` and `python -m trl_rpo.cli` run the same command.
 """
 
+import importlib
+import importlib.util
 import os
 import sys
 from dataclasses import dataclass, field
@@ -60,6 +62,16 @@ class RPOScriptArguments(ScriptArguments):
             Dataset column holding the completion, renamed to `completion` when different.
         reward_column (`str`, *optional*, defaults to `"reward"`):
             Dataset column holding the scalar reward, renamed to `reward` when different.
+        completions_column (`str`, *optional*, defaults to `"completions"`):
+            Grouped format: column holding each prompt's list of completions, renamed to `completions`.
+        rewards_column (`str`, *optional*, defaults to `"rewards"`):
+            Grouped format: column holding each prompt's list of rewards, renamed to `rewards`.
+        remove_columns (`list[str]`, *optional*):
+            Columns dropped from every split before training, e.g. the `chosen`/`rejected` pair that a dataset of
+            scored samples also carries, which would make its format ambiguous.
+        dataset_transform (`str`, *optional*):
+            A function `Dataset -> Dataset` applied to every split first, as `module:function` or
+            `path/to/file.py:function`: for public data in its own shape (e.g. `recipes/datasets/shp.py:to_grouped`).
     """
 
     prompt_column: str = field(
@@ -80,6 +92,25 @@ class RPOScriptArguments(ScriptArguments):
         default="reward",
         metadata={
             "help": "Dataset column holding the scalar reward; renamed to `reward` before training when different."
+        },
+    )
+    completions_column: str = field(
+        default="completions",
+        metadata={"help": "Grouped format: the column of completion lists; renamed to `completions` when different."},
+    )
+    rewards_column: str = field(
+        default="rewards",
+        metadata={"help": "Grouped format: the column of reward lists; renamed to `rewards` when different."},
+    )
+    remove_columns: list[str] | None = field(
+        default=None,
+        metadata={"help": "Columns dropped from every split before training (after `dataset_transform`)."},
+    )
+    dataset_transform: str | None = field(
+        default=None,
+        metadata={
+            "help": "A function Dataset -> Dataset applied to every split first: `module:function` or "
+            "`path/to/file.py:function`."
         },
     )
 
@@ -131,15 +162,22 @@ def load_rpo_dataset(script_args: RPOScriptArguments, dataset_args: DatasetMixtu
         dataset = load_dataset(name, name=script_args.dataset_config)
     else:
         raise ValueError("Either `datasets` or `dataset_name` must be provided.")
+    if script_args.dataset_transform:
+        transform = load_function(script_args.dataset_transform, "dataset_transform")
+        dataset = DatasetDict({split: transform(rows) for split, rows in dataset.items()})
+    if script_args.remove_columns:
+        dataset = dataset.remove_columns(script_args.remove_columns)
     return rename_rpo_columns(dataset, script_args)
 
 
 def rename_rpo_columns(dataset: DatasetDict, script_args: RPOScriptArguments) -> DatasetDict:
-    """Rename `prompt_column` / `completion_column` / `reward_column` to RPO's names in every split."""
+    """Rename the `*_column` options' columns to RPO's names in every split."""
     mapping = {
         script_args.prompt_column: "prompt",
         script_args.completion_column: "completion",
         script_args.reward_column: "reward",
+        script_args.completions_column: "completions",
+        script_args.rewards_column: "rewards",
     }
     mapping = {source: target for source, target in mapping.items() if source != target}
     if not mapping:
@@ -158,6 +196,28 @@ def rename_rpo_columns(dataset: DatasetDict, script_args: RPOScriptArguments) ->
                     f"has a {target!r} column. Remove one of the two columns, or leave `{option}` at its default."
                 )
     return dataset.rename_columns(mapping)
+
+
+def load_function(spec: str, option: str):
+    """`module:function` or `path/to/file.py:function` → the function, or an error naming `option` and the fix."""
+    location, _, name = spec.rpartition(":")
+    if not location or not name:
+        raise ValueError(f"`{option}={spec!r}`: expected `module:function` or `path/to/file.py:function`.")
+    try:
+        if location.endswith(".py"):
+            module_spec = importlib.util.spec_from_file_location(Path(location).stem, location)
+            if module_spec is None or not Path(location).is_file():
+                raise FileNotFoundError(location)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(location)
+    except (ImportError, FileNotFoundError) as error:
+        raise ValueError(f"`{option}={spec!r}`: cannot load {location!r} ({error}).") from error
+    function = getattr(module, name, None)
+    if not callable(function):
+        raise ValueError(f"`{option}={spec!r}`: {location!r} has no function {name!r}.")
+    return function
 
 
 def _split(dataset: DatasetDict, split: str, option: str) -> Dataset:

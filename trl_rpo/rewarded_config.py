@@ -14,6 +14,8 @@ import torch
 from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
 from trl import KTOConfig
 
+from .data.formats import REWARD_TRANSFORMS
+
 
 # KTO options with no meaning for a trainer that regresses onto stored rewards, and the defaults they must keep.
 _KTO_ONLY = {
@@ -47,6 +49,24 @@ class RewardedCompletionsConfig(KTOConfig):
         metadata={
             "help": "'global': z-score with the train split's mean and population std (the authors'); 'none'; "
             "'per_prompt': z-score inside each prompt (a different method).",
+        },
+    )
+    reward_columns: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Build the reward from these columns (e.g. HelpSteer2's attributes) instead of `reward` / "
+            "`rewards`: r = Σ weight·transform(column), then `reward_normalization`. With grouped rows "
+            "(`completions`), each column holds one list per prompt."
+        },
+    )
+    reward_weights: list[float] | None = field(
+        default=None, metadata={"help": "Weight of each of `reward_columns` (default: 1 each)."}
+    )
+    reward_transforms: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Transform of each of `reward_columns` before weighting: 'identity' (default) or 'log1p' "
+            "(sign(x)·log(1+|x|), for counts such as votes). One value applies to every column."
         },
     )
     cache_ref_log_probs: bool = field(
@@ -98,6 +118,7 @@ class RewardedCompletionsConfig(KTOConfig):
         for name, allowed in self.literal_choices().items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"`{name}` must be one of {list(allowed)}, got {getattr(self, name)!r}.")
+        self._check_reward_columns()
         if not self.precompute_ref_log_probs:
             raise ValueError(
                 "`precompute_ref_log_probs=False` is not supported: reference log-probs (and RPO's V̂(x), which needs "
@@ -114,6 +135,32 @@ class RewardedCompletionsConfig(KTOConfig):
                     f"`{name}` is a KTO option with no meaning for {type(self).__name__}, got "
                     f"{getattr(self, name)!r}. {why} Remove `{name}` from your configuration."
                 )
+
+    def _check_reward_columns(self) -> None:
+        columns, weights, transforms = self.reward_columns, self.reward_weights, self.reward_transforms
+        if columns is None:
+            if weights is not None or transforms is not None:
+                raise ValueError(
+                    "`reward_weights` / `reward_transforms` apply to `reward_columns`, which is not set. Set "
+                    "`reward_columns` to the columns to combine, or remove them."
+                )
+            return
+        if not columns or len(set(columns)) != len(columns):
+            raise ValueError(f"`reward_columns` must name one or more distinct columns, got {columns!r}.")
+        if weights is not None and (
+            len(weights) != len(columns) or not all(isinstance(w, int | float) and math.isfinite(w) for w in weights)
+        ):
+            raise ValueError(
+                f"`reward_weights` must give one finite number per column of `reward_columns` ({len(columns)}), got "
+                f"{weights!r}."
+            )
+        if transforms is not None and (
+            len(transforms) not in (1, len(columns)) or any(t not in REWARD_TRANSFORMS for t in transforms)
+        ):
+            raise ValueError(
+                f"`reward_transforms` must give one of {list(REWARD_TRANSFORMS)} for every column of "
+                f"`reward_columns` (or one for all), got {transforms!r}."
+            )
 
     @classmethod
     def literal_choices(cls) -> dict[str, tuple]:

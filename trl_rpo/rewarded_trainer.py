@@ -29,6 +29,7 @@ from trl.trainer.utils import get_config_model_id, global_then_local_main_first,
 from .data import (
     SHARED_ROW_COLUMNS,
     DataCollatorForRewardedCompletions,
+    RewardSpec,
     check_rows,
     column_numpy,
     describe_rows,
@@ -168,7 +169,7 @@ class RewardedCompletionsTrainer(ReferencePassMixin, KTOTrainer):
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         """Validate, expand to `(prompt, completion, reward)` rows and tokenise a split; derived columns in the input
         are recomputed."""
-        row_format = check_rows(dataset, dataset_name, self._loss_columns)
+        row_format = check_rows(dataset, dataset_name, self._loss_columns, RewardSpec.from_config(args))
         if row_format.conversational and not getattr(self._tokenizer, "chat_template", None):
             raise ValueError(
                 f"The {dataset_name} dataset is conversational (message lists) but the tokenizer has no chat "

@@ -49,6 +49,19 @@ class RPOConfig(RewardedCompletionsConfig):
             What to do with prompts below `min_completions_per_prompt`: `"global_baseline"` (use V̂_g = τ·log mean
             exp(r/τ) over all training rows), `"drop"` (remove their rows, counted in the logs) or `"error"`.
 
+        > Parameters that control the reward (shared with [`DROConfig`])
+
+        reward_columns (`list[str]`, *optional*):
+            Build the reward from these columns instead of `reward` (or `rewards` with grouped rows, where each column
+            holds one list per prompt): r = Σ_k weight_k · transform_k(column_k), computed before
+            `reward_normalization`. E.g. HelpSteer2's five attributes. A `reward`/`rewards`/`label` column not listed
+            makes the reward ambiguous and is an error.
+        reward_weights (`list[float]`, *optional*):
+            One weight per column of `reward_columns`; default 1 each.
+        reward_transforms (`list[str]`, *optional*):
+            One per column (or one for all): `"identity"` (default) or `"log1p"`, sign(x)·log(1 + |x|), for counts
+            with a long tail such as votes.
+
         > Parameters that control the target pass
 
         cache_ref_log_probs (`bool`, *optional*, defaults to `True`):
