@@ -19,6 +19,7 @@ every step's training loss.
 
     python benchmarks/optimum.py                    # the study: every task x method x seed, curves and table
     python benchmarks/optimum.py --tau-sweep        # stability: RPO and DRO for τ in 0.1 0.5 1 2 5
+    python benchmarks/optimum.py --iterative        # iterative RPO, K = 1, 2, 4 rounds, same sample budget
     python benchmarks/optimum.py --quick            # a smoke run in seconds
 
 Results go to `benchmarks/results/optimum_cpu.json` (or `optimum_tau_sweep_cpu.json`) and PNG figures next to
@@ -55,7 +56,12 @@ RPO_VARIANTS = {  # name: (partition_estimator, logps_aggregation)
     "rpo_mc_mean": ("monte_carlo", "mean"),
     "rpo_no_partition": ("none", "sum"),
 }
-METHODS = (*RPO_VARIANTS, "dro", "kto", "sft_best")
+# Iterative RPO on the `sampled` task: K rounds, each sampling `--iter-budget / K` completions per prompt from the
+# current policy, training the Monte-Carlo partition (summed log-probs) with the sampling policy as reference, τ·K per
+# round (K tilts by exp(r/(Kτ)) compose to one by exp(r/τ)) and `--steps / K` steps: the same samples and steps in all.
+ITERATIVE = {"rpo_iter_k1": 1, "rpo_iter_k2": 2, "rpo_iter_k4": 4}
+METHODS = (*RPO_VARIANTS, "dro", "kto", "sft_best", *ITERATIVE)
+STUDY_METHODS = (*RPO_VARIANTS, "dro", "kto", "sft_best")
 SWEEP_METHODS = ("rpo_empirical_sum", "dro")
 SWEEP_TAUS = (0.1, 0.5, 1.0, 2.0, 5.0)
 # Completions of different token lengths (so that sum and mean aggregation disagree); all start with a space,
@@ -83,6 +89,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup-steps", type=int, default=20)
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--reference-fit-steps", type=int, default=60, help="Adam steps fitting the reference (see below)")
+    p.add_argument("--iter-budget", type=int, default=12, help="samples per prompt over all rounds (iterative RPO)")
+    p.add_argument("--iterative", action="store_true", help="iterative RPO, K = 1, 2, 4, on `sampled`")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 2 methods, a few steps")
     p.add_argument("--output", default=None, help="JSON path (default: results/optimum[_tau_sweep]_<device>.json)")
@@ -92,9 +100,12 @@ def parse_args(argv=None):
     if args.quick:
         args.seeds, args.steps, args.eval_every, args.prompts, args.candidates = 1, 4, 2, 3, 3
         args.reference_fit_steps, args.warmup_steps = 2, 0
-    default_methods = SWEEP_METHODS if args.tau_sweep else (("rpo_empirical_sum", "kto") if args.quick else METHODS)
+    default_methods = ("rpo_empirical_sum", "kto") if args.quick else STUDY_METHODS
+    default_methods = SWEEP_METHODS if args.tau_sweep else ITERATIVE if args.iterative else default_methods
     args.methods = args.methods.split(",") if args.methods else list(default_methods)
-    args.tasks = ["full"] if args.tau_sweep else args.tasks.split(",")
+    args.tasks = ["full"] if args.tau_sweep else ["sampled"] if args.iterative else args.tasks.split(",")
+    if args.iterative and args.quick:
+        args.iter_budget, args.steps = 4, 8
     for name, chosen, allowed in (("--methods", args.methods, METHODS), ("--tasks", args.tasks, TASKS)):
         if set(chosen) - set(allowed):
             p.error(f"{name}: choose among {list(allowed)}, got {chosen}")
@@ -304,6 +315,8 @@ def trainer_for(method: str, model_dir: str, data: dict, tau: float, args, out_d
 def run_one(method: str, kind: str, task: dict, seed: int, tau: float, args, work_dir: str) -> dict:
     from transformers.trainer_callback import PrinterCallback
 
+    if method in ITERATIVE:
+        return run_iterative(ITERATIVE[method], task, seed, tau, args, work_dir)
     rows = draw_rows(task, kind, seed)
     probe = Probe(task, tau, args.eval_every)
     data = rows_for(method, task, rows)
@@ -336,6 +349,60 @@ def run_one(method: str, kind: str, task: dict, seed: int, tau: float, args, wor
         "diverged": not math.isfinite(final["tv_to_optimum"])
         or final["tv_to_optimum"] > probe.curve[0]["tv_to_optimum"],
     }
+
+
+class _OffsetProbe(Probe):
+    """A `Probe` whose steps continue those of the previous rounds."""
+
+    def __init__(self, task: dict, tau: float, every: int, offset: int, curve: list):
+        super().__init__(task, tau, every)
+        self.offset, self.curve = offset, curve
+
+    def _measure(self, step: int, model) -> None:
+        if step or not self.curve:
+            super()._measure(self.offset + step, model)
+
+
+def run_iterative(rounds: int, task: dict, seed: int, tau: float, args, work_dir: str) -> dict:
+    """Iterative RPO (see `ITERATIVE`): each round's reference is the policy that sampled its data."""
+    from transformers.trainer_callback import PrinterCallback
+
+    from trl_rpo import RPOConfig, RPOTrainer
+
+    start, curve, losses, rows_seen = time.perf_counter(), [], [], 0
+    policy_dir, policy_logps = task["model_dir"], task["ref_logps"]
+    steps = args.steps // rounds
+    for k in range(rounds):
+        generator = torch.Generator().manual_seed(1000 * seed + k)
+        probs = torch.softmax(policy_logps, -1).float()
+        draws = torch.multinomial(probs, args.iter_budget // rounds, replacement=True, generator=generator)
+        rows = [(p, int(c)) for p in range(draws.shape[0]) for c in draws[p]]
+        rows_seen += len(rows)
+        config = RPOConfig(
+            output_dir=os.path.join(work_dir, f"round-{k}"), beta=tau * rounds, partition_estimator="monte_carlo",
+            logps_aggregation="sum", reward_normalization="none", per_device_train_batch_size=args.batch,
+            max_steps=steps, learning_rate=args.lr, lr_scheduler_type=args.scheduler,
+            warmup_steps=min(args.warmup_steps, steps // 4), weight_decay=0.0, max_grad_norm=1.0,
+            gradient_checkpointing=False, bf16=False, use_cpu=True, logging_steps=1, save_strategy="no",
+            report_to="none", disable_tqdm=True, seed=seed + k, cache_ref_log_probs=False,
+        )  # fmt: skip
+        trainer = RPOTrainer(policy_dir, args=config, train_dataset=Dataset.from_dict(rows_for("rpo", task, rows)))
+        trainer.remove_callback(PrinterCallback)
+        trainer.add_callback(_OffsetProbe(task, tau, args.eval_every, k * steps, curve))
+        trainer.train()
+        losses += [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+        policy_dir = os.path.join(work_dir, f"policy-{k}")
+        trainer.save_model(policy_dir)
+        policy_logps = task["candidates"].logps(trainer.model)
+    final = curve[-1]
+    return {
+        "method": f"rpo_iter_k{rounds}", "task": "sampled", "seed": seed, "tau": tau, "rows": rows_seen,
+        "seconds": time.perf_counter() - start, "curve": curve, "loss": losses, "final": final,
+        "optimal_expected_reward": (optimum(task["ref_logps"], task["rewards"], tau) * task["rewards"])
+        .sum(-1).mean().item(),
+        "loss_variance_last_20pct": math.nan, "non_finite_losses": sum(not math.isfinite(x) for x in losses),
+        "diverged": not math.isfinite(final["tv_to_optimum"]) or final["tv_to_optimum"] > curve[0]["tv_to_optimum"],
+    }  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------- reporting
@@ -460,7 +527,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     hf_logging.set_verbosity_error()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    name = "optimum_tau_sweep" if args.tau_sweep else "optimum"
+    name = "optimum_tau_sweep" if args.tau_sweep else "optimum_iterative" if args.iterative else "optimum"
     output = args.output or os.path.join(RESULTS_DIR, f"{name}_{device}.json")
     taus = SWEEP_TAUS if args.tau_sweep else (args.tau,)
     runs = []

@@ -111,7 +111,7 @@ def test_configuration_page_lists_every_rpo_option_with_its_default():
     assert rows["beta"] == repr(RPOConfig.__dataclass_fields__["beta"].default)
 
 
-PAGES_WITH_CODE = ["configuration.md", "dro.md", "loss.md"]
+PAGES_WITH_CODE = ["configuration.md", "dro.md", "loss.md", "pipeline.md"]
 
 
 def test_python_blocks_of_the_docs_run(model_dir, tmp_path, monkeypatch):

@@ -7,6 +7,7 @@ __version__ = "0.1.0.dev0"
 
 from .dro_config import DROConfig
 from .dro_trainer import DROTrainer
+from .generation import generate_completions
 from .losses import (
     DROLossOutput,
     RewardStats,
@@ -21,6 +22,7 @@ from .losses import (
 )
 from .rpo_config import RPOConfig
 from .rpo_trainer import RPOTrainer
+from .scoring import score_completions
 
 
 __all__ = [
@@ -34,9 +36,11 @@ __all__ = [
     "RewardStats",
     "__version__",
     "dro_loss",
+    "generate_completions",
     "normalize_rewards",
     "pairwise_ranking_counts",
     "rpo_loss",
     "rpo_targets",
+    "score_completions",
     "segment_logsumexp",
 ]

@@ -13,8 +13,6 @@ The arguments are the fields of [`RPOScriptArguments`], [`RPOConfig`], [`~trl.Mo
 them, and an unknown key or flag is an error. `python -m trl_rpo` and `python -m trl_rpo.cli` run the same command.
 """
 
-import importlib
-import importlib.util
 import os
 import sys
 from dataclasses import dataclass, field
@@ -37,6 +35,7 @@ from trl.cli.commands.training import _subtract_subsequence
 
 from .rpo_config import RPOConfig
 from .rpo_trainer import RPOTrainer
+from .scoring import load_function
 
 
 logger = get_logger(__name__)
@@ -163,7 +162,7 @@ def load_rpo_dataset(script_args: RPOScriptArguments, dataset_args: DatasetMixtu
     else:
         raise ValueError("Either `datasets` or `dataset_name` must be provided.")
     if script_args.dataset_transform:
-        transform = load_function(script_args.dataset_transform, "dataset_transform")
+        transform = load_function(script_args.dataset_transform, "`dataset_transform`")
         dataset = DatasetDict({split: transform(rows) for split, rows in dataset.items()})
     if script_args.remove_columns:
         dataset = dataset.remove_columns(script_args.remove_columns)
@@ -196,28 +195,6 @@ def rename_rpo_columns(dataset: DatasetDict, script_args: RPOScriptArguments) ->
                     f"has a {target!r} column. Remove one of the two columns, or leave `{option}` at its default."
                 )
     return dataset.rename_columns(mapping)
-
-
-def load_function(spec: str, option: str):
-    """`module:function` or `path/to/file.py:function` → the function, or an error naming `option` and the fix."""
-    location, _, name = spec.rpartition(":")
-    if not location or not name:
-        raise ValueError(f"`{option}={spec!r}`: expected `module:function` or `path/to/file.py:function`.")
-    try:
-        if location.endswith(".py"):
-            module_spec = importlib.util.spec_from_file_location(Path(location).stem, location)
-            if module_spec is None or not Path(location).is_file():
-                raise FileNotFoundError(location)
-            module = importlib.util.module_from_spec(module_spec)
-            module_spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(location)
-    except (ImportError, FileNotFoundError) as error:
-        raise ValueError(f"`{option}={spec!r}`: cannot load {location!r} ({error}).") from error
-    function = getattr(module, name, None)
-    if not callable(function):
-        raise ValueError(f"`{option}={spec!r}`: {location!r} has no function {name!r}.")
-    return function
 
 
 def _split(dataset: DatasetDict, split: str, option: str) -> Dataset:
@@ -309,8 +286,15 @@ def cli(args: list[str] | None = None) -> None:
 
     With `--accelerate_config NAME|PATH`, the command relaunches itself through `accelerate launch`, like `trl kto`:
     the options that are not training options (`--num_processes 8`, `--main_process_port`, …) go to accelerate.
+    `trl-rpo generate ...` and `trl-rpo score ...` run [`~trl_rpo.commands.generate_main`] and
+    [`~trl_rpo.commands.score_main`] instead (sampling and scoring before training).
     """
     argv = sys.argv[1:] if args is None else list(args)
+    if argv and argv[0] in ("generate", "score"):
+        from . import commands  # imported here: training needs neither sampling nor scoring
+
+        (commands.generate_main if argv[0] == "generate" else commands.score_main)(argv[1:])
+        return
     parser = make_parser()
     if "--accelerate_config" not in argv:
         main(*parser.parse_args_and_config(argv))

@@ -1,0 +1,248 @@
+"""`trl-rpo generate` and `trl-rpo score`: sample completions from prompts, then score them, before `trl-rpo` trains.
+
+```bash
+trl-rpo generate --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct --dataset_name prompts.jsonl --output_dir samples \
+    --num_generations 8 --max_new_tokens 256
+trl-rpo generate --accelerate_config multi_gpu --num_processes 4 --model_name_or_path ... --output_dir samples
+trl-rpo score --dataset_name samples/completions.jsonl --output_dir samples \
+    --reward_funcs my_rewards:exact_answer rewards.py:brevity --reward_model_name_or_path my-rm \
+    --reward_weights 1 0.1 0.5
+trl-rpo --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct --dataset_name samples/scored.jsonl --output_dir qwen-rpo \
+    --partition_estimator monte_carlo
+```
+
+The arguments are the fields of [`GenerateArguments`] and [`ScoreArguments`]; `--help` lists them, `--config` reads
+them from a YAML file (flags override its keys). `--dataset_name` is a local `.json`/`.jsonl`/`.csv`/`.parquet` file,
+a folder of data files or a Hub dataset id, loaded as the training command loads it.
+"""
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from accelerate import PartialState
+from accelerate.commands.launch import launch_command, launch_command_parser
+from datasets import Dataset
+from transformers import AutoTokenizer
+from trl import DatasetMixtureConfig, TrlParser
+from trl.cli.commands.training import _subtract_subsequence
+
+from .cli import RPOScriptArguments, _split, load_rpo_dataset, resolve_accelerate_config
+from .generation import COMPLETIONS_FILE, generate_completions
+from .scoring import score_completions
+
+
+SCORED_FILE = "scored.jsonl"
+SCORING_CONFIG_FILE = "scoring_config.json"
+
+
+@dataclass
+class _DatasetArguments:
+    """The input dataset, loaded as `trl-rpo` loads its training data."""
+
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "A local .json/.jsonl/.csv/.parquet file, a folder of data files, or a Hub dataset id."},
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name (Hub datasets)."})
+    dataset_train_split: str = field(default="train", metadata={"help": "Split to read (a single file is 'train')."})
+    prompt_column: str = field(
+        default="prompt", metadata={"help": "Column holding the prompts; renamed to `prompt` when different."}
+    )
+    output_dir: str | None = field(default=None, metadata={"help": "Folder for the output files (required)."})
+
+    def load(self, **columns: str) -> Dataset:
+        script_args = RPOScriptArguments(
+            dataset_name=self.dataset_name,
+            dataset_config=self.dataset_config,
+            dataset_train_split=self.dataset_train_split,
+            prompt_column=self.prompt_column,
+            **columns,
+        )
+        dataset = load_rpo_dataset(script_args, DatasetMixtureConfig())
+        return _split(dataset, self.dataset_train_split, "dataset_train_split")
+
+    def require(self, *names: str) -> None:
+        missing = [f"--{name}" for name in ("output_dir", *names) if getattr(self, name) is None]
+        if missing:
+            raise ValueError(f"Missing required argument(s): {', '.join(missing)}.")
+
+
+@dataclass
+class GenerateArguments(_DatasetArguments):
+    """
+    Arguments of `trl-rpo generate`: see [`generate_completions`] for what each setting does.
+
+    RPO's Monte-Carlo partition estimator is consistent only on samples at temperature 1 with no top-p/top-k
+    truncation; other settings are warned about, and call for the empirical estimator.
+    """
+
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Model to sample from (id or folder): causal LM or encoder-decoder (required)."},
+    )
+    model_revision: str | None = field(default=None, metadata={"help": "Model revision on the Hub."})
+    adapter_name_or_path: str | None = field(
+        default=None, metadata={"help": "PEFT (LoRA) adapter folder applied to the model before sampling."}
+    )
+    num_generations: int = field(default=4, metadata={"help": "Completions sampled per prompt."})
+    temperature: float = field(
+        default=1.0, metadata={"help": "Sampling temperature; keep 1 for partition_estimator='monte_carlo'."}
+    )
+    top_p: float = field(
+        default=1.0, metadata={"help": "Nucleus sampling mass; keep 1 for the Monte-Carlo estimator."}
+    )
+    top_k: int | None = field(
+        default=None,
+        metadata={"help": "Keep the k most likely tokens; unset (no top-k) for the Monte-Carlo estimator."},
+    )
+    max_new_tokens: int = field(default=256, metadata={"help": "Longest completion, in tokens."})
+    batch_size: int = field(default=8, metadata={"help": "Prompts per generate call, per process."})
+    seed: int = field(default=0, metadata={"help": "Random seed of the sampling."})
+    dtype: str = field(default="auto", metadata={"help": "Weights dtype: auto, float32, bfloat16 or float16."})
+    backend: str = field(
+        default="transformers",
+        metadata={"help": "transformers, or vllm (one process, a CUDA GPU, `pip install vllm`; not tested here)."},
+    )
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the Hub."})
+
+
+@dataclass
+class ScoreArguments(_DatasetArguments):
+    """Arguments of `trl-rpo score`: see [`score_completions`]. Writes `scored.jsonl` and `scoring_config.json`."""
+
+    completion_column: str = field(
+        default="completion",
+        metadata={"help": "Column holding the completions; renamed to `completion` if different."},
+    )
+    reward_funcs: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Reward functions, each 'module:function' or 'path/to/file.py:function'."},
+    )
+    reward_model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Sequence-classification reward model (id or folder), scored after the functions."},
+    )
+    reward_model_revision: str | None = field(default=None, metadata={"help": "Reward model revision on the Hub."})
+    reward_weights: list[float] | None = field(
+        default=None, metadata={"help": "One weight per source (functions, then the model); all 1 by default."}
+    )
+    tokenizer_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Policy tokenizer: reward functions then get `completion_ids`, as in GRPOTrainer."},
+    )
+    batch_size: int = field(default=32, metadata={"help": "Rows per reward-function call and reward-model forward."})
+    dtype: str = field(default="auto", metadata={"help": "Reward model dtype: auto, float32, bfloat16 or float16."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the Hub."})
+
+
+def make_generate_parser() -> TrlParser:
+    return TrlParser(
+        GenerateArguments,
+        prog="trl-rpo generate",
+        allow_abbrev=False,
+        description="Sample N completions per prompt for RPO: batched, sharded under accelerate, resumable.",
+    )
+
+
+def make_score_parser() -> TrlParser:
+    return TrlParser(
+        ScoreArguments,
+        prog="trl-rpo score",
+        allow_abbrev=False,
+        description="Add a `reward` column to prompt/completion rows from reward functions and/or a reward model.",
+    )
+
+
+def generate_main(argv: list[str]) -> None:
+    """`trl-rpo generate ARGS`; with `--accelerate_config NAME|PATH` it relaunches itself under `accelerate launch`,
+    the options that are not its own (`--num_processes`, `--main_process_port`, …) going to accelerate."""
+    parser = make_generate_parser()
+    if "--accelerate_config" in argv:
+        _relaunch(parser, argv, "generate")
+        return
+    (args,) = parser.parse_args_and_config(argv)
+    args.require("model_name_or_path")
+    rows = generate_completions(
+        args.load(),
+        model=args.model_name_or_path,
+        output_dir=args.output_dir,
+        num_generations=args.num_generations,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        adapter=args.adapter_name_or_path,
+        revision=args.model_revision,
+        dtype=args.dtype,
+        backend=args.backend,
+        trust_remote_code=args.trust_remote_code,
+    )
+    state = PartialState()
+    state.print(
+        f"✅ {len(rows)} completions on {state.num_processes} process(es): {args.output_dir}/{COMPLETIONS_FILE}"
+    )
+
+
+def _relaunch(parser: TrlParser, argv: list[str], subcommand: str) -> None:
+    """As `trl-rpo --accelerate_config` does for training, keeping the subcommand in the relaunched arguments."""
+    *_, config_remaining, cli_remaining = parser.parse_args_and_config(
+        argv, return_remaining_strings=True, separate_remaining_strings=True
+    )
+    launch_args = resolve_accelerate_config(config_remaining + cli_remaining)
+    script_args = _subtract_subsequence(argv, cli_remaining)
+    module_args = ["--module", "trl_rpo.cli", subcommand, *script_args]
+    launch_command(launch_command_parser().parse_args([*launch_args, *module_args]))
+
+
+def score_main(argv: list[str]) -> None:
+    """`trl-rpo score ARGS`: score the dataset and write `scored.jsonl` and `scoring_config.json` to `output_dir`."""
+    (args,) = make_score_parser().parse_args_and_config(argv)
+    args.require()
+    model_init_kwargs = {"revision": args.reward_model_revision, "dtype": args.dtype}
+    model_init_kwargs["trust_remote_code"] = args.trust_remote_code
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name_or_path) if args.tokenizer_name_or_path else None
+    dataset = args.load(completion_column=args.completion_column)
+    scored = score_completions(
+        dataset,
+        reward_funcs=args.reward_funcs,
+        reward_model=args.reward_model_name_or_path,
+        reward_weights=args.reward_weights,
+        batch_size=args.batch_size,
+        processing_class=tokenizer,
+        model_init_kwargs=model_init_kwargs,
+    )
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    write_jsonl(scored, output_dir / SCORED_FILE)
+    _write_scoring_config(output_dir, args, rows_in=len(dataset), rows_out=len(scored))
+    print(f"✅ {len(scored)} of {len(dataset)} rows scored: {output_dir / SCORED_FILE}")
+
+
+def write_jsonl(dataset: Dataset, path: Path, batch_size: int = 1000) -> None:
+    """`dataset` as JSON lines, floats written exactly, replacing `path` only once complete."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as file:
+        for batch in dataset.iter(batch_size=batch_size):
+            rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
+            file.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    os.replace(tmp, path)
+
+
+def _write_scoring_config(output_dir: Path, args: ScoreArguments, rows_in: int, rows_out: int) -> None:
+    from . import __version__
+
+    record = {
+        "dataset_name": args.dataset_name,
+        "reward_funcs": args.reward_funcs,
+        "reward_model": args.reward_model_name_or_path,
+        "reward_model_revision": args.reward_model_revision,
+        "reward_weights": args.reward_weights,
+        "rows_in": rows_in,
+        "rows_out": rows_out,
+        "trl_rpo_version": __version__,
+    }
+    (output_dir / SCORING_CONFIG_FILE).write_text(json.dumps(record, indent=2) + "\n")
