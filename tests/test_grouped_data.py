@@ -1,6 +1,6 @@
 """Grouped rows (`prompt` + `completions` + `rewards` lists) and rewards built from several columns
-(`reward_columns`, `reward_weights`, `reward_transforms`): what they become, and the errors that name the row and the
-list position."""
+(`reward_columns`, `reward_column_weights`, `reward_column_transforms`): what they become, and the errors that name
+the row and the list position."""
 
 import math
 
@@ -28,7 +28,9 @@ def grouped(rows: dict[str, list]) -> dict[str, list]:
 
 
 def spec(columns, weights=None, transforms=None) -> RewardSpec:
-    args = RPOConfig("unused", reward_columns=columns, reward_weights=weights, reward_transforms=transforms)
+    args = RPOConfig(
+        "unused", reward_columns=columns, reward_column_weights=weights, reward_column_transforms=transforms
+    )
     return RewardSpec.from_config(args)
 
 
@@ -129,7 +131,7 @@ def test_reward_columns_train_like_the_summed_reward_column(model_dir, make_args
     weighted = {k: base[k] for k in ("prompt", "completion")} | {"helpfulness": help_, "verbosity": verbosity}
     summed = {k: base[k] for k in ("prompt", "completion")}
     summed["reward"] = [0.8 * h - 0.4 * v for h, v in zip(help_, verbosity, strict=True)]
-    options = {"reward_columns": ["helpfulness", "verbosity"], "reward_weights": [0.8, -0.4]}
+    options = {"reward_columns": ["helpfulness", "verbosity"], "reward_column_weights": [0.8, -0.4]}
     by_columns = RPOTrainer(model_dir, args=make_args(**options), train_dataset=Dataset.from_dict(weighted))
     by_reward = RPOTrainer(model_dir, args=make_args(), train_dataset=Dataset.from_dict(summed))
     torch.testing.assert_close(
@@ -157,11 +159,11 @@ def test_reward_columns_bad_input(data, columns, match):
 @pytest.mark.parametrize(
     ("options", "match"),
     [
-        ({"reward_weights": [1.0]}, "apply to `reward_columns`, which is not set"),
-        ({"reward_columns": ["a", "b"], "reward_weights": [1.0]}, "one finite number per column"),
-        ({"reward_columns": ["a"], "reward_weights": [float("inf")]}, "one finite number per column"),
+        ({"reward_column_weights": [1.0]}, "apply to `reward_columns`, which is not set"),
+        ({"reward_columns": ["a", "b"], "reward_column_weights": [1.0]}, "one finite number per column"),
+        ({"reward_columns": ["a"], "reward_column_weights": [float("inf")]}, "one finite number per column"),
         ({"reward_columns": ["a", "a"]}, "distinct columns"),
-        ({"reward_columns": ["a"], "reward_transforms": ["sqrt"]}, r"one of \['identity', 'log1p'\]"),
+        ({"reward_columns": ["a"], "reward_column_transforms": ["sqrt"]}, r"one of \['identity', 'log1p'\]"),
     ],
 )
 def test_reward_column_options_are_validated(tmp_path, options, match):

@@ -1,19 +1,30 @@
 """The real-model demo (`examples/smollm2_demo/`): its reward function on hand-written answers, and both scripts end
-to end on the tiny offline model (the real run, on SmolLM2-135M-Instruct, takes minutes and is `make demo`)."""
+to end on the tiny offline model: data made by `trl-rpo generate` + `trl-rpo score` (their Python API, and the
+commands the script prints), then trained on (the real run, on SmolLM2-135M-Instruct, takes minutes and is
+`make demo`)."""
 
 import importlib.util
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 
 import pytest
+from datasets import Dataset
+
+from trl_rpo import score_completions
+from trl_rpo.cli import cli
 
 
 DEMO_DIR = Path(__file__).resolve().parents[1] / "examples" / "smollm2_demo"
 sys.path.insert(0, str(DEMO_DIR))  # the scripts import their sibling modules by name, as when run directly
 
 import task  # noqa: E402
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def load_script(name: str):
@@ -63,29 +74,64 @@ def test_train_and_eval_problems_are_disjoint_and_seeded():
         task.make_problems(1, seed=0, exclude=set(train_problems) | set(eval_problems))
 
 
+def test_addition_reward_is_the_reward_with_grpo_signature():
+    completions = ["7", "3 + 4 = 8", "none", ""]
+    expected = [1.0, task.reward("3 + 4 = 8", 7), 0.0, None]  # empty: no reward, the row is dropped
+    assert task.addition_reward(completions, answer=[7] * 4) == expected
+    conversational = [[{"role": "assistant", "content": c}] for c in completions]
+    assert task.addition_reward(conversational, answer=[7] * 4, prompts=[[]] * 4, trainer_state=None) == expected
+
+    rows = Dataset.from_dict({"prompt": ["What is 3 + 4?"] * 4, "completion": completions, "answer": [7] * 4})
+    scored = score_completions(rows, task.addition_reward)
+    assert scored["completion"] == completions[:3]
+    assert scored["reward"] == expected[:3]
+
+
 def test_generate_then_train_end_to_end(model_dir, tmp_path):
+    """generate_data.py makes the data with generate_completions + score_completions, its printed `trl-rpo generate`
+    / `trl-rpo score` commands make the same rows, and train.py trains on them."""
     data_dir, output_dir = tmp_path / "data", tmp_path / "out"
     generate_data = load_script("generate_data")
-    generate_data.main(
-        ["--model", model_dir, "--output_dir", str(data_dir), "--num_train_prompts", "3"]
-        + ["--completions_per_prompt", "2", "--num_eval", "4", "--max_new_tokens", "6"]
-    )
-    train_rows = [json.loads(line) for line in (data_dir / "train.jsonl").read_text().splitlines()]
-    eval_rows = [json.loads(line) for line in (data_dir / "eval.jsonl").read_text().splitlines()]
-    groups = {}
-    for row in train_rows:
-        groups.setdefault(row["prompt"][0]["content"], []).append(row["completion"][0]["content"])
-    assert len(groups) == 3
-    assert all(len(completions) == 2 for completions in groups.values())  # the model's own samples, nothing added
+    args = ["--model", model_dir, "--output_dir", str(data_dir), "--num_train_prompts", "3"]
+    args += ["--num_generations", "2", "--num_eval", "4", "--max_new_tokens", "6"]
+    generate_data.main(args)
+    train_rows = read_jsonl(data_dir / "train.jsonl")
+    eval_rows = read_jsonl(data_dir / "eval.jsonl")
+    samples = read_jsonl(data_dir / "samples" / "completions.jsonl")  # generate_completions' output, unscored
+    settings = json.loads((data_dir / "samples" / "generation_config.json").read_text())
+    assert {k: settings[k] for k in ("num_generations", "temperature", "max_new_tokens", "num_prompts")} == {
+        "num_generations": 2,
+        "temperature": 0.7,  # the shipped data's temperature
+        "max_new_tokens": 6,
+        "num_prompts": 3,
+    }
+    assert len(samples) == 3 * 2
+    kept = [row for row in samples if row["completion"][0]["content"]]  # an empty answer has no reward: dropped
+    assert len(train_rows) == len(kept)
     assert len(eval_rows) == 4
     assert all(set(row) == {"prompt", "completion", "reward", "answer"} for row in train_rows)
-    for row in train_rows:
+    for row, sample in zip(train_rows, kept, strict=True):  # the model's own samples, in order, nothing added
+        assert {k: row[k] for k in ("prompt", "completion", "answer")} == {
+            k: sample[k] for k in ("prompt", "completion", "answer")
+        }
         assert row["prompt"][0]["role"] == "user"
         assert row["completion"][0]["role"] == "assistant"
         assert row["reward"] == task.reward(row["completion"][0]["content"], row["answer"])
         a, b = map(int, row["prompt"][0]["content"].removeprefix("What is ").split("?")[0].split(" + "))
         assert row["answer"] == a + b
+    assert len({json.dumps(r["prompt"]) for r in train_rows}) == 3
     assert not {json.dumps(r["prompt"]) for r in train_rows} & {json.dumps(r["prompt"]) for r in eval_rows}
+
+    # The CLI path the script prints, run in a fresh folder on the prompts it wrote: the same rows and rewards.
+    cli_dir = tmp_path / "cli"
+    cli_dir.mkdir()
+    shutil.copy(data_dir / "samples" / "prompts.jsonl", cli_dir / "prompts.jsonl")
+    commands = generate_data.cli_commands(generate_data.parse_args(args), model_dir, cli_dir)
+    assert [command[:2] for command in commands] == [["trl-rpo", "generate"], ["trl-rpo", "score"]]
+    for command in commands:
+        cli(command[1:])
+    scored = read_jsonl(cli_dir / "scored.jsonl")
+    assert [{k: row[k] for k in generate_data.TRAIN_COLUMNS} for row in scored] == train_rows
 
     results = load_script("train").main(
         ["--model", model_dir, "--data_dir", str(data_dir), "--output_dir", str(output_dir), "--max_steps", "2"]

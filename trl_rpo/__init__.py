@@ -8,6 +8,7 @@ __version__ = "0.1.0.dev0"
 from .dro_config import DROConfig
 from .dro_trainer import DROTrainer
 from .generation import generate_completions
+from .iterate import iterate_rpo
 from .losses import (
     DROLossOutput,
     RewardStats,
@@ -37,6 +38,7 @@ __all__ = [
     "__version__",
     "dro_loss",
     "generate_completions",
+    "iterate_rpo",
     "normalize_rewards",
     "pairwise_ranking_counts",
     "rpo_loss",

@@ -286,14 +286,16 @@ def cli(args: list[str] | None = None) -> None:
 
     With `--accelerate_config NAME|PATH`, the command relaunches itself through `accelerate launch`, like `trl kto`:
     the options that are not training options (`--num_processes 8`, `--main_process_port`, …) go to accelerate.
-    `trl-rpo generate ...` and `trl-rpo score ...` run [`~trl_rpo.commands.generate_main`] and
-    [`~trl_rpo.commands.score_main`] instead (sampling and scoring before training).
+    `trl-rpo generate ...`, `trl-rpo score ...` and `trl-rpo iterate ...` run [`~trl_rpo.commands.generate_main`],
+    [`~trl_rpo.commands.score_main`] and [`~trl_rpo.commands.iterate_main`] instead.
     """
     argv = sys.argv[1:] if args is None else list(args)
-    if argv and argv[0] in ("generate", "score"):
+    if argv and argv[0] in ("generate", "score", "iterate"):
         from . import commands  # imported here: training needs neither sampling nor scoring
 
-        (commands.generate_main if argv[0] == "generate" else commands.score_main)(argv[1:])
+        subcommands = {"generate": commands.generate_main, "score": commands.score_main}
+        subcommands["iterate"] = commands.iterate_main
+        subcommands[argv[0]](argv[1:])
         return
     parser = make_parser()
     if "--accelerate_config" not in argv:

@@ -1,4 +1,5 @@
-"""`trl-rpo generate` and `trl-rpo score`: sample completions from prompts, then score them, before `trl-rpo` trains.
+"""`trl-rpo generate`, `trl-rpo score` and `trl-rpo iterate`: sample completions from prompts, score them, train;
+or all three, round after round.
 
 ```bash
 trl-rpo generate --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct --dataset_name prompts.jsonl --output_dir samples \
@@ -9,6 +10,8 @@ trl-rpo score --dataset_name samples/completions.jsonl --output_dir samples \
     --reward_weights 1 0.1 0.5
 trl-rpo --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct --dataset_name samples/scored.jsonl --output_dir qwen-rpo \
     --partition_estimator monte_carlo
+trl-rpo iterate --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct --dataset_name prompts.jsonl --output_dir qwen-iter \
+    --reward_funcs rewards.py:exact_answer --rounds 3 --num_generations 8 --eval_dataset_name held_out.jsonl
 ```
 
 The arguments are the fields of [`GenerateArguments`] and [`ScoreArguments`]; `--help` lists them, `--config` reads
@@ -25,11 +28,13 @@ from accelerate import PartialState
 from accelerate.commands.launch import launch_command, launch_command_parser
 from datasets import Dataset
 from transformers import AutoTokenizer
-from trl import DatasetMixtureConfig, TrlParser
+from trl import DatasetMixtureConfig, ModelConfig, TrlParser, get_peft_config
 from trl.cli.commands.training import _subtract_subsequence
 
 from .cli import RPOScriptArguments, _split, load_rpo_dataset, resolve_accelerate_config
 from .generation import COMPLETIONS_FILE, generate_completions
+from .iterate import iterate_rpo, rounds_table
+from .rpo_config import RPOConfig
 from .scoring import score_completions
 
 
@@ -137,6 +142,43 @@ class ScoreArguments(_DatasetArguments):
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the Hub."})
 
 
+@dataclass
+class IterateArguments:
+    """
+    Arguments of `trl-rpo iterate` besides `RPOConfig`'s (each round's training, `output_dir` included) and
+    `ModelConfig`'s (the initial model, LoRA): see [`iterate_rpo`]. The prompts are read as `trl-rpo generate` reads
+    them; the sampling settings are those of `trl-rpo generate`, the reward sources those of `trl-rpo score`.
+    """
+
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "Training prompts: a .json/.jsonl/.csv/.parquet file, a folder or a Hub id."}
+    )
+    dataset_train_split: str = field(default="train", metadata={"help": "Split to read (a single file is 'train')."})
+    prompt_column: str = field(default="prompt", metadata={"help": "Column holding the prompts."})
+    rounds: int = field(default=2, metadata={"help": "Rounds of sample → score → train."})
+    eval_dataset_name: str | None = field(
+        default=None, metadata={"help": "Held-out prompts (a file or folder): each round's policy is scored on them."}
+    )
+    eval_num_generations: int = field(default=1, metadata={"help": "Samples per held-out prompt."})
+    anchor_to_initial_reference: bool = field(
+        default=False,
+        metadata={"help": "Keep the initial model as every round's reference (empirical partition estimator)."},
+    )
+    num_generations: int = field(default=4, metadata={"help": "Completions sampled per prompt per round."})
+    temperature: float = field(
+        default=1.0, metadata={"help": "Sampling temperature (1 for the Monte-Carlo estimator)."}
+    )
+    max_new_tokens: int = field(default=256, metadata={"help": "Longest completion, in tokens."})
+    generation_batch_size: int = field(default=8, metadata={"help": "Prompts per generate call."})
+    reward_funcs: list[str] = field(
+        default_factory=list, metadata={"help": "Reward functions, each 'module:function' or 'file.py:function'."}
+    )
+    reward_model_name_or_path: str | None = field(default=None, metadata={"help": "Sequence-classification RM."})
+    reward_weights: list[float] | None = field(
+        default=None, metadata={"help": "One weight per source (functions, then the model); all 1 by default."}
+    )
+
+
 def make_generate_parser() -> TrlParser:
     return TrlParser(
         GenerateArguments,
@@ -153,6 +195,51 @@ def make_score_parser() -> TrlParser:
         allow_abbrev=False,
         description="Add a `reward` column to prompt/completion rows from reward functions and/or a reward model.",
     )
+
+
+def make_iterate_parser() -> TrlParser:
+    return TrlParser(
+        (IterateArguments, RPOConfig, ModelConfig),
+        prog="trl-rpo iterate",
+        allow_abbrev=False,
+        description="Iterative RPO: each round samples from the current policy, scores, and trains with it as the "
+        "reference (Monte-Carlo partition). Prints the per-round table.",
+    )
+
+
+def iterate_main(argv: list[str]) -> None:
+    """`trl-rpo iterate ARGS`: run the rounds (one process) and print the per-round table."""
+    iterate_args, training_args, model_args = make_iterate_parser().parse_args_and_config(argv)
+    required = {"--dataset_name": iterate_args.dataset_name, "--model_name_or_path": model_args.model_name_or_path}
+    missing = [flag for flag, value in required.items() if not value]
+    if missing:
+        raise ValueError(f"Missing required argument(s): {', '.join(missing)}.")
+
+    def prompts(name: str, split: str) -> Dataset:
+        source = _DatasetArguments(name, dataset_train_split=split, prompt_column=iterate_args.prompt_column)
+        return source.load()
+
+    eval_prompts = prompts(iterate_args.eval_dataset_name, "train") if iterate_args.eval_dataset_name else None
+    results = iterate_rpo(
+        model_args.model_name_or_path,
+        prompts(iterate_args.dataset_name, iterate_args.dataset_train_split),
+        training_args,
+        rounds=iterate_args.rounds,
+        reward_funcs=iterate_args.reward_funcs,
+        reward_model=iterate_args.reward_model_name_or_path,
+        reward_weights=iterate_args.reward_weights,
+        num_generations=iterate_args.num_generations,
+        eval_prompts=eval_prompts,
+        eval_num_generations=iterate_args.eval_num_generations,
+        peft_config=get_peft_config(model_args),
+        anchor_to_initial_reference=iterate_args.anchor_to_initial_reference,
+        generation_kwargs={
+            "temperature": iterate_args.temperature,
+            "max_new_tokens": iterate_args.max_new_tokens,
+            "batch_size": iterate_args.generation_batch_size,
+        },
+    )
+    print(rounds_table(results))
 
 
 def generate_main(argv: list[str]) -> None:

@@ -59,10 +59,10 @@ class RewardedCompletionsConfig(KTOConfig):
             "(`completions`), each column holds one list per prompt."
         },
     )
-    reward_weights: list[float] | None = field(
+    reward_column_weights: list[float] | None = field(
         default=None, metadata={"help": "Weight of each of `reward_columns` (default: 1 each)."}
     )
-    reward_transforms: list[str] | None = field(
+    reward_column_transforms: list[str] | None = field(
         default=None,
         metadata={
             "help": "Transform of each of `reward_columns` before weighting: 'identity' (default) or 'log1p' "
@@ -137,12 +137,12 @@ class RewardedCompletionsConfig(KTOConfig):
                 )
 
     def _check_reward_columns(self) -> None:
-        columns, weights, transforms = self.reward_columns, self.reward_weights, self.reward_transforms
+        columns, weights, transforms = self.reward_columns, self.reward_column_weights, self.reward_column_transforms
         if columns is None:
             if weights is not None or transforms is not None:
                 raise ValueError(
-                    "`reward_weights` / `reward_transforms` apply to `reward_columns`, which is not set. Set "
-                    "`reward_columns` to the columns to combine, or remove them."
+                    "`reward_column_weights` / `reward_column_transforms` apply to `reward_columns`, which is not "
+                    "set. Set `reward_columns` to the columns to combine, or remove them."
                 )
             return
         if not columns or len(set(columns)) != len(columns):
@@ -151,14 +151,14 @@ class RewardedCompletionsConfig(KTOConfig):
             len(weights) != len(columns) or not all(isinstance(w, int | float) and math.isfinite(w) for w in weights)
         ):
             raise ValueError(
-                f"`reward_weights` must give one finite number per column of `reward_columns` ({len(columns)}), got "
-                f"{weights!r}."
+                "`reward_column_weights` must give one finite number per column of `reward_columns` "
+                f"({len(columns)}), got {weights!r}."
             )
         if transforms is not None and (
             len(transforms) not in (1, len(columns)) or any(t not in REWARD_TRANSFORMS for t in transforms)
         ):
             raise ValueError(
-                f"`reward_transforms` must give one of {list(REWARD_TRANSFORMS)} for every column of "
+                f"`reward_column_transforms` must give one of {list(REWARD_TRANSFORMS)} for every column of "
                 f"`reward_columns` (or one for all), got {transforms!r}."
             )
 

@@ -56,9 +56,9 @@ class RPOConfig(RewardedCompletionsConfig):
             holds one list per prompt): r = Σ_k weight_k · transform_k(column_k), computed before
             `reward_normalization`. E.g. HelpSteer2's five attributes. A `reward`/`rewards`/`label` column not listed
             makes the reward ambiguous and is an error.
-        reward_weights (`list[float]`, *optional*):
+        reward_column_weights (`list[float]`, *optional*):
             One weight per column of `reward_columns`; default 1 each.
-        reward_transforms (`list[str]`, *optional*):
+        reward_column_transforms (`list[str]`, *optional*):
             One per column (or one for all): `"identity"` (default) or `"log1p"`, sign(x)·log(1 + |x|), for counts
             with a long tail such as votes.
 

@@ -1,18 +1,48 @@
-"""Build the demo's data: the model answers its own training prompts, the task's reward scores every answer.
+"""Build the demo's data with the trl-rpo pipeline: the model answers its own training prompts, the task's reward
+scores every answer.
 
-Draws disjoint train and held-out eval addition problems, samples several completions per train prompt from the
-model itself (temperature sampling, batched), scores every answer with `task.reward` and writes conversational
-JSONL: `train.jsonl` (`prompt`, `completion`, `reward`, `answer`) and `eval.jsonl` (`prompt`, `answer`). The files
-shipped in `data/` come from the defaults (48 prompts x 6 answers = 288 rows; about 1 min on 2 CPU cores).
+Draws disjoint train and held-out eval addition problems, then makes the training rows as any RPO user would from
+prompts and a reward:
+
+1. `generate_completions` (`trl-rpo generate`) samples `--num_generations` answers per train prompt from the model
+   itself; each prompt row carries its true sum (`answer`) onto its samples;
+2. `score_completions` (`trl-rpo score`) scores every answer with `task.addition_reward` (`task.reward` with
+   GRPOTrainer's reward-function signature); an empty answer gets no reward and its row is dropped, as `RPOTrainer`
+   refuses empty completions.
+
+It writes conversational JSONL to `--output_dir`: `train.jsonl` (`prompt`, `completion`, `reward`, `answer`, one row
+per scored answer, grouped by prompt) and `eval.jsonl` (`prompt`, `answer`), which `train.py` reads. The pipeline's
+own files go to `--samples_dir` (default `<output_dir>/samples`): `prompts.jsonl` (the train prompts), the samples
+(`completions.jsonl`, `generation_config.json` recording the settings, `shards/`); rerun the same command after an
+interruption and the sampling resumes there. The files shipped in `data/` come from the defaults (48 prompts x 6
+answers; about 1 min on 2 CPU cores); they are kept as shipped so `make demo` starts at once.
 
     python examples/smollm2_demo/generate_data.py [--model PATH_OR_ID] [--output_dir examples/smollm2_demo/data]
-        [--num_train_prompts 48] [--completions_per_prompt 6] [--num_eval 40] [--temperature 0.7] [--seed 0]
+        [--samples_dir OUTPUT_DIR/samples] [--num_train_prompts 48] [--num_generations 6] [--num_eval 40]
+        [--temperature 0.7] [--max_new_tokens 16] [--batch_size 8] [--seed 0]
+
+The same two steps with the command line, once the script has written the prompts (it prints these commands with
+its own paths and settings; MODEL is the SmolLM2 folder, `python -c "from trl_rpo.testing import smollm2_folder;
+print(smollm2_folder())"`). `scored.jsonl` holds the rows of `train.jsonl` plus bookkeeping columns
+(`reward_addition_reward`, `prompt_index`, `sample_index`) that `RPOTrainer` ignores:
+
+    trl-rpo generate --model_name_or_path MODEL --dataset_name DATA/samples/prompts.jsonl --output_dir DATA/samples \
+        --num_generations 6 --temperature 0.7 --max_new_tokens 16 --batch_size 8 --seed 0 --dtype float32
+    trl-rpo score --dataset_name DATA/samples/completions.jsonl --output_dir DATA/samples \
+        --reward_funcs examples/smollm2_demo/task.py:addition_reward
+
+Temperature: the default stays 0.7, the temperature of the shipped data and so of the results in docs/demo.md.
+`generate_completions` warns about it: RPO's Monte-Carlo partition estimator (`train.py`'s default) is consistent
+only on samples of the reference policy itself, at temperature 1 with no top-p/top-k truncation; at 0.7 the samples
+come from a sharper distribution and the estimate of each prompt's V̂ carries a bias. `--temperature 1` gives the
+consistent setting (data other than the shipped rows, whose results the docs do not report).
 """
 
 import argparse
 import collections
 import json
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -21,24 +51,34 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling modules, however the script is started
 
-from generation import default_model, generate, load_model_and_tokenizer
-from task import make_problems, prompt_messages, reward
-from transformers import set_seed
+from datasets import Dataset
+from generation import default_model
+from task import addition_reward, make_problems, prompt_messages
+
+from trl_rpo import generate_completions, score_completions
 
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
+TASK_FILE = Path(__file__).resolve().parent / "task.py"
+TRAIN_COLUMNS = ["prompt", "completion", "reward", "answer"]  # what `train.py` and the shipped `train.jsonl` hold
+DTYPE = "float32"  # CPU sampling; the SmolLM2 folder is float32 already, a Hub checkpoint may not be
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="local folder or hub id (default: SmolLM2-135M-Instruct)")
-    parser.add_argument("--output_dir", default=str(DATA_DIR))
+    parser.add_argument("--output_dir", default=str(DATA_DIR), help="where train.jsonl and eval.jsonl go")
+    parser.add_argument(
+        "--samples_dir", default=None, help="the pipeline's files: prompts, samples (default: OUTPUT_DIR/samples)"
+    )
     parser.add_argument("--num_train_prompts", type=int, default=48)
-    parser.add_argument("--completions_per_prompt", type=int, default=6)
+    parser.add_argument(
+        "--num_generations", "--completions_per_prompt", type=int, default=6, help="answers sampled per prompt"
+    )
     parser.add_argument("--num_eval", type=int, default=40)
-    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--temperature", type=float, default=0.7, help="1 samples the model's own distribution")
     parser.add_argument("--max_new_tokens", type=int, default=16)
-    parser.add_argument("--batch_size", type=int, default=64, help="sequences generated together")
+    parser.add_argument("--batch_size", type=int, default=8, help="prompts per generate call")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
@@ -49,30 +89,16 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
         f.writelines(json.dumps(row) + "\n" for row in rows)
 
 
-def sample_train_rows(model, tokenizer, problems, cli) -> list[dict]:
-    prompts = [prompt_messages(a, b) for a, b in problems]
-    samples = generate(
-        model,
-        tokenizer,
-        prompts,
-        max_new_tokens=cli.max_new_tokens,
-        temperature=cli.temperature,
-        num_return_sequences=cli.completions_per_prompt,
-        batch_size=cli.batch_size,
-    )
-    rows = []
-    for i, (prompt, (a, b)) in enumerate(zip(prompts, problems, strict=True)):
-        completions = samples[i * cli.completions_per_prompt : (i + 1) * cli.completions_per_prompt]
-        rows += [
-            {
-                "prompt": prompt,
-                "completion": [{"role": "assistant", "content": completion}],
-                "reward": reward(completion, a + b),
-                "answer": a + b,
-            }
-            for completion in completions
-        ]
-    return rows
+def cli_commands(cli: argparse.Namespace, model: str, samples_dir: Path) -> list[list[str]]:
+    """The `trl-rpo generate` and `trl-rpo score` command lines that make the same samples and rewards as `main`."""
+    generate = ["trl-rpo", "generate", "--model_name_or_path", model]
+    generate += ["--dataset_name", str(samples_dir / "prompts.jsonl"), "--output_dir", str(samples_dir)]
+    generate += ["--num_generations", str(cli.num_generations), "--temperature", str(cli.temperature)]
+    generate += ["--max_new_tokens", str(cli.max_new_tokens), "--batch_size", str(cli.batch_size)]
+    generate += ["--seed", str(cli.seed), "--dtype", DTYPE]
+    score = ["trl-rpo", "score", "--dataset_name", str(samples_dir / "completions.jsonl")]
+    score += ["--output_dir", str(samples_dir), "--reward_funcs", f"{TASK_FILE}:{addition_reward.__name__}"]
+    return [generate, score]
 
 
 def reward_bucket(value: float) -> str:
@@ -96,19 +122,38 @@ def print_reward_distribution(rows: list[dict]) -> None:
 def main(argv: list[str] | None = None) -> None:
     cli = parse_args(argv)
     start = time.time()
-    set_seed(cli.seed)
-    model, tokenizer = load_model_and_tokenizer(cli.model or default_model())
+    model = cli.model or default_model()
+    output_dir = Path(cli.output_dir)
+    samples_dir = Path(cli.samples_dir) if cli.samples_dir else output_dir / "samples"
     eval_problems = make_problems(cli.num_eval, seed=cli.seed + 1)
     train_problems = make_problems(cli.num_train_prompts, seed=cli.seed, exclude=set(eval_problems))
-
-    rows = sample_train_rows(model, tokenizer, train_problems, cli)
-    output_dir = Path(cli.output_dir)
-    write_jsonl(output_dir / "train.jsonl", rows)
+    prompts = [{"prompt": prompt_messages(a, b), "answer": a + b} for a, b in train_problems]
+    write_jsonl(samples_dir / "prompts.jsonl", prompts)  # what `trl-rpo generate --dataset_name` reads
     eval_rows = [{"prompt": prompt_messages(a, b), "answer": a + b} for a, b in eval_problems]
     write_jsonl(output_dir / "eval.jsonl", eval_rows)
 
+    samples = generate_completions(
+        Dataset.from_list(prompts),
+        model=model,
+        output_dir=samples_dir,
+        num_generations=cli.num_generations,
+        temperature=cli.temperature,
+        max_new_tokens=cli.max_new_tokens,
+        batch_size=cli.batch_size,
+        seed=cli.seed,
+        dtype=DTYPE,
+    )
+    scored = score_completions(samples, addition_reward)
+    rows = scored.select_columns(TRAIN_COLUMNS).to_list()
+    write_jsonl(output_dir / "train.jsonl", rows)
+
     print_reward_distribution(rows)
-    print(f"Wrote {output_dir / 'train.jsonl'} and {output_dir / 'eval.jsonl'} in {time.time() - start:.0f} s")
+    if len(rows) < len(samples):
+        print(f"  dropped: {len(samples) - len(rows)} empty answers of {len(samples)}")
+    print("\nThe same samples and rewards from the command line:")
+    for command in cli_commands(cli, model, samples_dir):
+        print("  " + shlex.join(command))
+    print(f"\nWrote {output_dir / 'train.jsonl'} and {output_dir / 'eval.jsonl'} in {time.time() - start:.0f} s")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,7 @@
-"""Loading the chat model and batched generation from conversational prompts, shared by the two demo scripts."""
+"""The demo's model (SmolLM2-135M-Instruct, offline) and the greedy answers `train.py` scores on held-out prompts.
+
+The training data are sampled by `trl_rpo.generate_completions` (`generate_data.py`), not here.
+"""
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
@@ -27,30 +30,25 @@ def generate(
     prompts: list[list[dict[str, str]]],
     *,
     max_new_tokens: int,
-    temperature: float | None = None,
-    num_return_sequences: int = 1,
     batch_size: int = 32,
 ) -> list[str]:
-    """Completions of each prompt, prompt-major (`num_return_sequences` per prompt): greedy when `temperature` is
-    None, else plain temperature sampling (no top-k / top-p, so the samples follow the model's own distribution)."""
+    """The greedy completion of each prompt (chat template with the generation prompt), stripped, in order."""
     config = GenerationConfig(
         max_new_tokens=max_new_tokens,
-        do_sample=temperature is not None,
-        temperature=temperature,
+        do_sample=False,
+        temperature=None,
         top_k=None,
         top_p=None,
-        num_return_sequences=num_return_sequences,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
     was_training = model.training
     model.eval()
     texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
-    prompts_per_batch = max(1, batch_size // num_return_sequences)
     completions = []
-    for start in range(0, len(texts), prompts_per_batch):
+    for start in range(0, len(texts), batch_size):
         batch = tokenizer(
-            texts[start : start + prompts_per_batch], return_tensors="pt", padding=True, add_special_tokens=False
+            texts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
         ).to(model.device)
         output = model.generate(**batch, generation_config=config)
         new_tokens = output[:, batch["input_ids"].shape[1] :]

@@ -10,7 +10,8 @@ the conclusion of "3 + 4 = 7"):
 | a number 10 or more off, or no number at all | 0.0 |
 
 A near miss earns a little, which gives RPO rewards of several magnitudes to rank within each prompt's group of
-sampled answers.
+sampled answers. [`addition_reward`] is the same score as a reward function with TRL GRPOTrainer's signature, which
+`trl_rpo.score_completions` and `trl-rpo score --reward_funcs examples/smollm2_demo/task.py:addition_reward` call.
 """
 
 import random
@@ -62,3 +63,16 @@ def reward(completion: str, answer: int) -> float:
     if guess == answer:
         return 1.0
     return CLOSE_CREDIT * max(0.0, 1.0 - abs(guess - answer) / CLOSE_RANGE)
+
+
+def addition_reward(completions: list, answer: list[int], **kwargs) -> list[float | None]:
+    """[`reward`] as a reward function with GRPOTrainer's signature, for `score_completions` / `trl-rpo score`.
+
+    `completions` are strings, or conversational message lists whose last message is the answer; `answer` is the
+    column of true sums (a prompt row's column, copied onto its samples by `generate_completions`). An empty
+    completion (the model ended its turn at once) gets `None`: `RPOTrainer` refuses empty completions, and
+    `score_completions` drops the rows without a reward. Other keyword arguments (`prompts`, `trainer_state`, …) are
+    ignored.
+    """
+    texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
+    return [reward(text, a) if text else None for text, a in zip(texts, answer, strict=True)]

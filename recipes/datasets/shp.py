@@ -2,10 +2,10 @@
 
 The card's schema: one row per pair of Reddit comments under a post (`history`: title + body; `human_ref_A`,
 `human_ref_B`: the comments; `score_A`, `score_B`: their net votes + 1; `score_ratio`: preferred / dispreferred
-score, ≥ 1). Out: `prompt` (the post), `completions` (the two comments) and `rewards` (their scores, vote counts: the
-recipe sets `reward_transforms: [log1p]`). As the card advises, only pairs with `score_ratio` ≥ 2 are kept (the others
-are counted in a log line); the pairs of one post share its prompt, so RPO estimates V̂(x) over all of the post's
-comments, each distinct comment once.
+score, ≥ 1). Out: `prompt` (the post), `completions` (the two comments) and `rewards` (their scores, vote counts:
+the recipe sets `reward_column_transforms: [log1p]`). As the card advises, only pairs with `score_ratio` ≥ 2 are
+kept (the others are counted in a log line); the pairs of one post share its prompt, so RPO estimates V̂(x) over all
+of the post's comments, each distinct comment once.
 """
 
 import logging

@@ -31,7 +31,7 @@ FORMATS_HELP = (
     "completions per prompt), `prompt`/`completion`/`label` (bool, KTO format) or `prompt`/`chosen`/`rejected` with "
     "optional `score_chosen`/`score_rejected` (DPO format); `reward_columns` builds the reward from several columns."
 )
-# Per-column transforms of `reward_transforms`: "log1p" is sign(x)·log(1 + |x|), for counts such as votes.
+# Per-column transforms of `reward_column_transforms`: "log1p" is sign(x)·log(1 + |x|), for counts such as votes.
 REWARD_TRANSFORMS = ("identity", "log1p")
 
 
@@ -47,13 +47,17 @@ class RewardSpec:
 
     @classmethod
     def from_config(cls, args) -> "RewardSpec | None":
-        """From `reward_columns`, `reward_weights` (default 1 each) and `reward_transforms` (default "identity"; one
-        value applies to every column); `None` when `reward_columns` is unset."""
+        """From `reward_columns`, `reward_column_weights` (default 1 each) and `reward_column_transforms` (default
+        "identity"; one value applies to every column); `None` when `reward_columns` is unset."""
         if not args.reward_columns:
             return None
         columns = tuple(args.reward_columns)
-        weights = tuple(float(w) for w in args.reward_weights) if args.reward_weights else (1.0,) * len(columns)
-        transforms = tuple(args.reward_transforms or ("identity",))
+        weights = (
+            tuple(float(w) for w in args.reward_column_weights)
+            if args.reward_column_weights
+            else (1.0,) * len(columns)
+        )
+        transforms = tuple(args.reward_column_transforms or ("identity",))
         return cls(columns, weights, transforms * len(columns) if len(transforms) == 1 else transforms)
 
     def combine(self, columns: Sequence[Sequence[float]]) -> list[float]:

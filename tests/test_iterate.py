@@ -1,0 +1,140 @@
+"""Iterative RPO (`iterate_rpo`, `trl-rpo iterate`): each round samples from the policy the previous round trained,
+trains with that policy as the reference and the Monte-Carlo partition (or, anchored, the initial reference and the
+empirical one), and records its data, model and held-out reward."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM
+
+import trl_rpo.iterate as iterate_module
+from trl_rpo import RPOTrainer
+from trl_rpo.iterate import ROUNDS_FILE, iterate_rpo, rounds_table
+
+
+def longer_is_better(completions, **kwargs):  # GRPOTrainer's reward-function signature
+    return [len(c) / 10 for c in completions]
+
+
+PROMPTS = Dataset.from_dict({"prompt": ["1 + 1 =", "2 + 3 =", "4 + 4 ="]})
+HELD_OUT = Dataset.from_dict({"prompt": ["5 + 1 =", "3 + 3 ="]})
+
+
+@pytest.fixture
+def trainer_calls(monkeypatch) -> list[dict]:
+    """What each round handed to RPOTrainer: the policy it started from, the reference, the estimator, the rows."""
+    calls, real = [], iterate_module.RPOTrainer
+
+    def spy(model, ref_model=None, args=None, train_dataset=None, **kwargs):
+        trainer = real(model, ref_model=ref_model, args=args, train_dataset=train_dataset, **kwargs)
+        calls.append({"model": model, "ref_model": ref_model, "estimator": args.partition_estimator})
+        calls[-1] |= {"rows": train_dataset, "trainer": trainer}
+        return trainer
+
+    monkeypatch.setattr(iterate_module, "RPOTrainer", spy)
+    return calls
+
+
+def _run(model_dir, tmp_path, make_args, **kwargs):
+    args = make_args(output_dir=str(tmp_path / "iter"), max_steps=2, learning_rate=0.05)
+    options = {"rounds": 2, "reward_funcs": [longer_is_better], "num_generations": 3, "eval_prompts": HELD_OUT}
+    options["generation_kwargs"] = {"max_new_tokens": 6, "batch_size": 4}
+    return iterate_rpo(model_dir, PROMPTS, args, **(options | kwargs))
+
+
+def test_each_round_samples_from_and_is_regularised_towards_the_previous_policy(
+    model_dir, tmp_path, make_args, trainer_calls
+):
+    results = _run(model_dir, tmp_path, make_args)
+    rounds = tmp_path / "iter"
+    assert [r.round for r in results] == [0, 1, 2]
+    assert results[1].model == str(rounds / "round-1" / "model")
+    # round k samples from the policy that round k - 1 trained ...
+    for k, expected in ((1, model_dir), (2, results[1].model)):
+        config = json.loads((rounds / f"round-{k}" / "samples" / "generation_config.json").read_text())
+        assert config["model"] == expected
+        # ... and trains from it, with it as the reference (ref_model=None: the initial policy) and the MC partition
+        assert trainer_calls[k - 1]["model"] == expected
+        assert trainer_calls[k - 1]["ref_model"] is None
+        assert trainer_calls[k - 1]["estimator"] == "monte_carlo"
+        assert len(trainer_calls[k - 1]["rows"]) == 3 * 3 == results[k].train_rows
+    # the round-2 reference log-probs are the round-1 policy's, not the initial model's
+    used = torch.tensor(trainer_calls[1]["trainer"].train_dataset["ref_logps"])
+    rows = trainer_calls[1]["rows"]
+    for policy, same in ((results[1].model, True), (model_dir, False)):
+        check = RPOTrainer(policy, args=make_args(output_dir=str(tmp_path / "check")), train_dataset=rows)
+        assert torch.allclose(used, torch.tensor(check.train_dataset["ref_logps"]), atol=1e-6) == same
+    # the recorded rewards are the mean rewards of the scored files
+    for k in (1, 2):
+        scored = [json.loads(line) for line in (rounds / f"round-{k}" / "scored.jsonl").read_text().splitlines()]
+        assert results[k].train_reward == pytest.approx(sum(r["reward"] for r in scored) / len(scored))
+        assert results[k].train_reward == pytest.approx(sum(len(r["completion"]) / 10 for r in scored) / len(scored))
+    assert all(math.isfinite(r.eval_reward) for r in results)
+    saved = json.loads((rounds / ROUNDS_FILE).read_text())
+    assert [row["round"] for row in saved] == [0, 1, 2]
+    table = rounds_table(results)
+    assert table.count("\n") == 4
+    assert "held-out reward" in table
+
+
+def test_a_rerun_skips_the_rounds_it_has(model_dir, tmp_path, make_args, trainer_calls):
+    _run(model_dir, tmp_path, make_args, rounds=1)
+    assert len(trainer_calls) == 1
+    results = _run(model_dir, tmp_path, make_args, rounds=2)
+    assert len(trainer_calls) == 2  # only round 2 trained the second time
+    assert trainer_calls[1]["model"] == results[1].model
+
+
+def test_anchored_rounds_keep_the_initial_reference(model_dir, tmp_path, make_args, trainer_calls):
+    _run(model_dir, tmp_path, make_args, anchor_to_initial_reference=True, eval_prompts=None)
+    references = [call["ref_model"] for call in trainer_calls]
+    assert references[0] is references[1] is not None
+    assert [call["estimator"] for call in trainer_calls] == ["empirical", "empirical"]
+    assert trainer_calls[1]["model"].endswith("round-1/model")  # samples and policy still move
+    initial = AutoModelForCausalLM.from_pretrained(model_dir).state_dict()
+    for name, value in references[0].state_dict().items():
+        torch.testing.assert_close(value, initial[name], rtol=0, atol=0)
+
+
+def test_lora_rounds_merge_the_adapter_into_the_next_policy(model_dir, tmp_path, make_args):
+    from peft import LoraConfig
+
+    peft_config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
+    results = _run(model_dir, tmp_path, make_args, rounds=1, peft_config=peft_config, eval_prompts=None)
+    folder = Path(results[1].model)
+    assert (folder / "model.safetensors").is_file()
+    assert not (folder / "adapter_config.json").exists()
+    merged = AutoModelForCausalLM.from_pretrained(folder).state_dict()
+    initial = AutoModelForCausalLM.from_pretrained(model_dir).state_dict()
+    assert set(merged) == set(initial)
+    assert any(not torch.equal(merged[name], initial[name]) for name in initial)
+
+
+def test_cli_prints_the_table(model_dir, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS["prompt"]))
+    rewards = tmp_path / "rewards.py"
+    rewards.write_text("def longer(completions, **kwargs):\n    return [len(c) / 10 for c in completions]\n")
+    command = [sys.executable, "-m", "trl_rpo", "iterate", "--model_name_or_path", model_dir]
+    command += [
+        "--dataset_name",
+        str(prompts),
+        "--eval_dataset_name",
+        str(prompts),
+        "--output_dir",
+        str(tmp_path / "o"),
+    ]
+    command += ["--reward_funcs", f"{rewards}:longer", "--rounds", "2", "--num_generations", "2"]
+    command += ["--max_new_tokens", "4", "--max_steps", "1", "--report_to", "none", "--bf16", "false"]
+    command += ["--save_strategy", "no", "--cache_ref_log_probs", "false"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| round | samples |" in result.stdout
+    assert len([line for line in result.stdout.splitlines() if line.startswith("| ") and "`" in line]) == 3
+    assert (tmp_path / "o" / "round-2" / "model" / "model.safetensors").is_file()
