@@ -1,5 +1,5 @@
-# `make demo` sets everything up and runs the real-model demo (SmolLM2, LoRA RPO, CPU, offline); `make test` runs the
-# test suite (what CI runs). `make tiny-demo` is the 15-second version on a tiny random model.
+# `make demo` sets everything up and runs the real-model demo (SmolLM2, LoRA RPO, CPU, offline), `make demo-iterate`
+# its iterative version; `make test` runs the test suite (what CI runs). `make tiny-demo` is the 15-second version on a tiny random model.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -10,7 +10,7 @@ WHEEL_VENV ?= .venv-wheel
 TRL_LOWEST ?= 1.15.0
 TRL_LOWEST_DIR ?= .trl-lowest
 
-.PHONY: install demo tiny-demo test test-trl-lowest quality style wheel-check clean
+.PHONY: install demo demo-iterate tiny-demo test test-trl-lowest quality style wheel-check clean
 
 # torch first and pinned: an unpinned torch pulled in by accelerate can fetch a multi-GB CUDA build.
 $(VENV)/.installed: pyproject.toml
@@ -26,6 +26,10 @@ install: $(VENV)/.installed
 
 demo: install
 	$(PY) examples/smollm2_demo/train.py
+
+# Iterative RPO on the demo's task: 3 rounds of sample → score → train, held-out reward per round (≈ 15 min on CPU).
+demo-iterate: install
+	$(PY) examples/smollm2_demo/iterate.py
 
 tiny-demo: install
 	$(PY) examples/tiny_demo.py

@@ -76,7 +76,7 @@ def test_each_round_samples_from_and_is_regularised_towards_the_previous_policy(
         assert results[k].train_reward == pytest.approx(sum(r["reward"] for r in scored) / len(scored))
         assert results[k].train_reward == pytest.approx(sum(len(r["completion"]) / 10 for r in scored) / len(scored))
     assert all(math.isfinite(r.eval_reward) for r in results)
-    saved = json.loads((rounds / ROUNDS_FILE).read_text())
+    saved = json.loads((rounds / ROUNDS_FILE).read_text(), parse_constant=pytest.fail)  # strict JSON: no NaN
     assert [row["round"] for row in saved] == [0, 1, 2]
     table = rounds_table(results)
     assert table.count("\n") == 4

@@ -137,11 +137,13 @@ def _completed_rounds(output: Path) -> list[RoundResult]:
     path = output / ROUNDS_FILE
     if not path.is_file():
         return []
-    results = [RoundResult(**row) for row in json.loads(path.read_text())]
+    rows = json.loads(path.read_text())
+    results = [RoundResult(**{k: math.nan if v is None else v for k, v in row.items()}) for row in rows]
     return [r for r in results if r.round == 0 or Path(r.model).is_dir()]
 
 
 def _write_rounds(output: Path, results: list[RoundResult]) -> None:
     tmp = output / (ROUNDS_FILE + ".tmp")
-    tmp.write_text(json.dumps([asdict(r) for r in results], indent=2) + "\n")
+    rows = [{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in asdict(r).items()} for r in results]
+    tmp.write_text(json.dumps(rows, indent=2) + "\n")  # NaN (no value) as null: strict JSON
     tmp.replace(output / ROUNDS_FILE)

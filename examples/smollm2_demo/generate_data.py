@@ -1,5 +1,4 @@
-"""Build the demo's data with the trl-rpo pipeline: the model answers its own training prompts, the task's reward
-scores every answer.
+"""Build the demo's data with `trl-rpo generate` + `trl-rpo score`: the model's own answers, scored by the task.
 
 Draws disjoint train and held-out eval addition problems, then makes the training rows as any RPO user would from
 prompts and a reward:
@@ -14,28 +13,30 @@ It writes conversational JSONL to `--output_dir`: `train.jsonl` (`prompt`, `comp
 per scored answer, grouped by prompt) and `eval.jsonl` (`prompt`, `answer`), which `train.py` reads. The pipeline's
 own files go to `--samples_dir` (default `<output_dir>/samples`): `prompts.jsonl` (the train prompts), the samples
 (`completions.jsonl`, `generation_config.json` recording the settings, `shards/`); rerun the same command after an
-interruption and the sampling resumes there. The files shipped in `data/` come from the defaults (48 prompts x 6
-answers; about 1 min on 2 CPU cores); they are kept as shipped so `make demo` starts at once.
+interruption and the sampling resumes there. With the defaults (48 prompts x 6 answers, 40 eval prompts) it takes
+1-2 min on 2 CPU cores. The files shipped in `data/` are kept as they are, so `make demo` starts at once: the demo's
+earlier sampling loop made them, before `generate_completions` existed, at the same sizes, prompts and temperature,
+so a run with the defaults gives other draws of the same kind, not the same rows.
 
     python examples/smollm2_demo/generate_data.py [--model PATH_OR_ID] [--output_dir examples/smollm2_demo/data]
         [--samples_dir OUTPUT_DIR/samples] [--num_train_prompts 48] [--num_generations 6] [--num_eval 40]
         [--temperature 0.7] [--max_new_tokens 16] [--batch_size 8] [--seed 0]
 
 The same two steps with the command line, once the script has written the prompts (it prints these commands with
-its own paths and settings; MODEL is the SmolLM2 folder, `python -c "from trl_rpo.testing import smollm2_folder;
-print(smollm2_folder())"`). `scored.jsonl` holds the rows of `train.jsonl` plus bookkeeping columns
-(`reward_addition_reward`, `prompt_index`, `sample_index`) that `RPOTrainer` ignores:
+its own paths and settings). OUT is `--output_dir`, MODEL the SmolLM2 folder (`python -c "from trl_rpo.testing
+import smollm2_folder; print(smollm2_folder())"`); `OUT/samples/scored.jsonl` then holds the rows of `train.jsonl`
+plus bookkeeping columns (`reward_addition_reward`, `prompt_index`, `sample_index`) that `RPOTrainer` ignores:
 
-    trl-rpo generate --model_name_or_path MODEL --dataset_name DATA/samples/prompts.jsonl --output_dir DATA/samples \
+    trl-rpo generate --model_name_or_path MODEL --dataset_name OUT/samples/prompts.jsonl --output_dir OUT/samples \
         --num_generations 6 --temperature 0.7 --max_new_tokens 16 --batch_size 8 --seed 0 --dtype float32
-    trl-rpo score --dataset_name DATA/samples/completions.jsonl --output_dir DATA/samples \
+    trl-rpo score --dataset_name OUT/samples/completions.jsonl --output_dir OUT/samples \
         --reward_funcs examples/smollm2_demo/task.py:addition_reward
 
 Temperature: the default stays 0.7, the temperature of the shipped data and so of the results in docs/demo.md.
 `generate_completions` warns about it: RPO's Monte-Carlo partition estimator (`train.py`'s default) is consistent
 only on samples of the reference policy itself, at temperature 1 with no top-p/top-k truncation; at 0.7 the samples
 come from a sharper distribution and the estimate of each prompt's V̂ carries a bias. `--temperature 1` gives the
-consistent setting (data other than the shipped rows, whose results the docs do not report).
+consistent setting (not how the shipped rows, and so the reported results, were made).
 """
 
 import argparse

