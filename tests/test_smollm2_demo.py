@@ -99,9 +99,10 @@ def test_generate_then_train_end_to_end(model_dir, tmp_path):
     eval_rows = read_jsonl(data_dir / "eval.jsonl")
     samples = read_jsonl(data_dir / "samples" / "completions.jsonl")  # generate_completions' output, unscored
     settings = json.loads((data_dir / "samples" / "generation_config.json").read_text())
-    assert {k: settings[k] for k in ("num_generations", "temperature", "max_new_tokens", "num_prompts")} == {
+    assert {k: settings[k] for k in ("num_generations", "temperature", "top_k", "max_new_tokens", "num_prompts")} == {
         "num_generations": 2,
-        "temperature": 0.7,  # the shipped data's temperature
+        "temperature": 0.7,  # the shipped data's settings
+        "top_k": 50,
         "max_new_tokens": 6,
         "num_prompts": 3,
     }

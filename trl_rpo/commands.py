@@ -179,37 +179,34 @@ class IterateArguments:
     )
 
 
-def make_generate_parser() -> TrlParser:
-    return TrlParser(
-        GenerateArguments,
-        prog="trl-rpo generate",
-        allow_abbrev=False,
-        description="Sample N completions per prompt for RPO: batched, sharded under accelerate, resumable.",
-    )
-
-
-def make_score_parser() -> TrlParser:
-    return TrlParser(
-        ScoreArguments,
-        prog="trl-rpo score",
-        allow_abbrev=False,
-        description="Add a `reward` column to prompt/completion rows from reward functions and/or a reward model.",
-    )
-
-
-def make_iterate_parser() -> TrlParser:
-    return TrlParser(
+_SUBCOMMANDS = {
+    "generate": (
+        (GenerateArguments,),
+        "Sample N completions per prompt for RPO: batched, sharded under accelerate, resumable.",
+    ),
+    "score": (
+        (ScoreArguments,),
+        "Add a `reward` column to prompt/completion rows from reward functions and/or a reward model.",
+    ),
+    "iterate": (
         (IterateArguments, RPOConfig, ModelConfig),
-        prog="trl-rpo iterate",
-        allow_abbrev=False,
-        description="Iterative RPO: each round samples from the current policy, scores, and trains with it as the "
-        "reference (Monte-Carlo partition). Prints the per-round table.",
-    )
+        (
+            "Iterative RPO: each round samples from the current policy, scores, and trains with it as the reference "
+            "(Monte-Carlo partition). Prints the per-round table."
+        ),
+    ),
+}
+
+
+def make_subcommand_parser(name: str) -> TrlParser:
+    """The parser of `trl-rpo generate`, `score` or `iterate` (`--config` YAML, flags override, unknown keys fail)."""
+    classes, description = _SUBCOMMANDS[name]
+    return TrlParser(classes, prog=f"trl-rpo {name}", allow_abbrev=False, description=description)
 
 
 def iterate_main(argv: list[str]) -> None:
     """`trl-rpo iterate ARGS`: run the rounds (one process) and print the per-round table."""
-    iterate_args, training_args, model_args = make_iterate_parser().parse_args_and_config(argv)
+    iterate_args, training_args, model_args = make_subcommand_parser("iterate").parse_args_and_config(argv)
     required = {"--dataset_name": iterate_args.dataset_name, "--model_name_or_path": model_args.model_name_or_path}
     missing = [flag for flag, value in required.items() if not value]
     if missing:
@@ -245,7 +242,7 @@ def iterate_main(argv: list[str]) -> None:
 def generate_main(argv: list[str]) -> None:
     """`trl-rpo generate ARGS`; with `--accelerate_config NAME|PATH` it relaunches itself under `accelerate launch`,
     the options that are not its own (`--num_processes`, `--main_process_port`, …) going to accelerate."""
-    parser = make_generate_parser()
+    parser = make_subcommand_parser("generate")
     if "--accelerate_config" in argv:
         _relaunch(parser, argv, "generate")
         return
@@ -287,7 +284,7 @@ def _relaunch(parser: TrlParser, argv: list[str], subcommand: str) -> None:
 
 def score_main(argv: list[str]) -> None:
     """`trl-rpo score ARGS`: score the dataset and write `scored.jsonl` and `scoring_config.json` to `output_dir`."""
-    (args,) = make_score_parser().parse_args_and_config(argv)
+    (args,) = make_subcommand_parser("score").parse_args_and_config(argv)
     args.require()
     model_init_kwargs = {"revision": args.reward_model_revision, "dtype": args.dtype}
     model_init_kwargs["trust_remote_code"] = args.trust_remote_code

@@ -15,12 +15,13 @@ own files go to `--samples_dir` (default `<output_dir>/samples`): `prompts.jsonl
 (`completions.jsonl`, `generation_config.json` recording the settings, `shards/`); rerun the same command after an
 interruption and the sampling resumes there. With the defaults (48 prompts x 6 answers, 40 eval prompts) it takes
 1-2 min on 2 CPU cores. The files shipped in `data/` are kept as they are, so `make demo` starts at once: the demo's
-earlier sampling loop made them, before `generate_completions` existed, at the same sizes, prompts and temperature,
-so a run with the defaults gives other draws of the same kind, not the same rows.
+earlier sampling loop made them, before `generate_completions` existed, from the same prompts and sizes at the
+settings the defaults give (see "Sampling settings"), so a run with the defaults gives other draws of the same
+distribution, not the same rows.
 
     python examples/smollm2_demo/generate_data.py [--model PATH_OR_ID] [--output_dir examples/smollm2_demo/data]
         [--samples_dir OUTPUT_DIR/samples] [--num_train_prompts 48] [--num_generations 6] [--num_eval 40]
-        [--temperature 0.7] [--max_new_tokens 16] [--batch_size 8] [--seed 0]
+        [--temperature 0.7] [--top_k 50] [--max_new_tokens 16] [--batch_size 8] [--seed 0]
 
 The same two steps with the command line, once the script has written the prompts (it prints these commands with
 its own paths and settings). OUT is `--output_dir`, MODEL the SmolLM2 folder (`python -c "from trl_rpo.testing
@@ -28,15 +29,17 @@ import smollm2_folder; print(smollm2_folder())"`); `OUT/samples/scored.jsonl` th
 plus bookkeeping columns (`reward_addition_reward`, `prompt_index`, `sample_index`) that `RPOTrainer` ignores:
 
     trl-rpo generate --model_name_or_path MODEL --dataset_name OUT/samples/prompts.jsonl --output_dir OUT/samples \
-        --num_generations 6 --temperature 0.7 --max_new_tokens 16 --batch_size 8 --seed 0 --dtype float32
+        --num_generations 6 --temperature 0.7 --top_k 50 --max_new_tokens 16 --batch_size 8 --seed 0 --dtype float32
     trl-rpo score --dataset_name OUT/samples/completions.jsonl --output_dir OUT/samples \
         --reward_funcs examples/smollm2_demo/task.py:addition_reward
 
-Temperature: the default stays 0.7, the temperature of the shipped data and so of the results in docs/demo.md.
-`generate_completions` warns about it: RPO's Monte-Carlo partition estimator (`train.py`'s default) is consistent
-only on samples of the reference policy itself, at temperature 1 with no top-p/top-k truncation; at 0.7 the samples
-come from a sharper distribution and the estimate of each prompt's V̂ carries a bias. `--temperature 1` gives the
-consistent setting (not how the shipped rows, and so the reported results, were made).
+Sampling settings: the defaults, temperature 0.7 and top-k 50, are those of the shipped data and so of the results
+in docs/demo.md. (The earlier loop asked for temperature 0.7 and left top-k unset, and transformers then applies its
+default top-k of 50; `generate_completions` applies only the settings it is given, so the top-k is explicit here.)
+`generate_completions` warns about them: RPO's Monte-Carlo partition estimator (`train.py`'s default) is consistent
+only on samples of the reference policy itself, at temperature 1 with no top-p/top-k truncation; these samples come
+from a sharper, truncated distribution, and the estimate of each prompt's V̂ carries a bias. `--temperature 1
+--top_k 0` gives the consistent setting (not how the shipped rows, and so the reported results, were made).
 """
 
 import argparse
@@ -78,6 +81,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--num_eval", type=int, default=40)
     parser.add_argument("--temperature", type=float, default=0.7, help="1 samples the model's own distribution")
+    parser.add_argument("--top_k", type=int, default=50, help="keep the k likeliest tokens per step; 0: no top-k")
     parser.add_argument("--max_new_tokens", type=int, default=16)
     parser.add_argument("--batch_size", type=int, default=8, help="prompts per generate call")
     parser.add_argument("--seed", type=int, default=0)
@@ -95,6 +99,7 @@ def cli_commands(cli: argparse.Namespace, model: str, samples_dir: Path) -> list
     generate = ["trl-rpo", "generate", "--model_name_or_path", model]
     generate += ["--dataset_name", str(samples_dir / "prompts.jsonl"), "--output_dir", str(samples_dir)]
     generate += ["--num_generations", str(cli.num_generations), "--temperature", str(cli.temperature)]
+    generate += ["--top_k", str(cli.top_k)] if cli.top_k else []
     generate += ["--max_new_tokens", str(cli.max_new_tokens), "--batch_size", str(cli.batch_size)]
     generate += ["--seed", str(cli.seed), "--dtype", DTYPE]
     score = ["trl-rpo", "score", "--dataset_name", str(samples_dir / "completions.jsonl")]
@@ -139,6 +144,7 @@ def main(argv: list[str] | None = None) -> None:
         output_dir=samples_dir,
         num_generations=cli.num_generations,
         temperature=cli.temperature,
+        top_k=cli.top_k or None,
         max_new_tokens=cli.max_new_tokens,
         batch_size=cli.batch_size,
         seed=cli.seed,
