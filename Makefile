@@ -38,14 +38,14 @@ test: install
 	$(PY) -m pytest
 
 # The same package against the lowest supported TRL: every in-process test (seam, trainers, DRO, encoder-decoder,
-# data, cache, quantization, docs, maths); the multi-process, CLI, benchmark, notebook and SmolLM2 tests run once,
-# in `make test`. TRL is pure Python with the same dependencies, so it is installed alone in a folder that comes first
+# data, cache, quantization, docs, maths, pipeline); the multi-process (`slow`), CLI, benchmark, notebook and SmolLM2
+# tests run once, in `make test`. TRL is pure Python with the same dependencies, so it is installed alone in a folder that comes first
 # on PYTHONPATH.
 test-trl-lowest: install
 	rm -rf $(TRL_LOWEST_DIR)
 	$(PY) -m pip install --quiet --no-deps --target $(TRL_LOWEST_DIR) trl==$(TRL_LOWEST)
 	PYTHONPATH=$(abspath $(TRL_LOWEST_DIR)) $(PY) -c "import trl; assert trl.__version__ == '$(TRL_LOWEST)', trl.__file__"
-	PYTHONPATH=$(abspath $(TRL_LOWEST_DIR)) $(PY) -m pytest -q --ignore=tests/test_distributed.py \
+	PYTHONPATH=$(abspath $(TRL_LOWEST_DIR)) $(PY) -m pytest -q -m "not slow" --ignore=tests/test_distributed.py \
 		--ignore=tests/test_cli.py --ignore=tests/test_benchmarks.py --ignore=tests/test_notebook.py \
 		--ignore=tests/test_smollm2.py --ignore=tests/test_smollm2_demo.py --ignore=tests/test_recipes.py
 
