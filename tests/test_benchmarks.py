@@ -129,3 +129,69 @@ def test_scale_quick(tmp_path):
         assert sum(phases.values()) == pytest.approx(result["time_to_first_step_s"], rel=1e-6)
         assert 0 < result["bare_reference_forward_s"]
         assert math.isfinite(result["peak_rss_above_baseline_mb"] + result["peak_anon_rss_above_baseline_mb"])
+
+
+FRONTIER = SCRIPT.parent / "frontier.py"
+
+
+def _load(path: Path, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_frontier_quick_runs_and_resumes(tmp_path):
+    output = tmp_path / "frontier.json"
+    points = "rpo_sum_mc_t0.5,kto_b1"
+    _run_benchmark(FRONTIER, tmp_path, "--quick", "--points", points, "--output", str(output), "--no-plot")
+    runs = json.loads(output.read_text())["runs"]
+    assert {(r["task"], r["point"]) for r in runs} == {
+        (t, p) for t in ("arithmetic", "format") for p in points.split(",")
+    }
+    for run in runs:
+        assert math.isfinite(run["kl"])
+        assert 0.0 <= run["reward"] <= 1.0
+    _run_benchmark(FRONTIER, tmp_path, "--quick", "--points", points, "--output", str(output), "--no-plot")
+    assert json.loads(output.read_text())["runs"] == runs  # a rerun skips the finished runs
+
+
+def test_frontier_kl_is_zero_for_an_adapter_that_has_not_moved(model_dir, tmp_path):
+    """The KL estimate reads the policy against the adapter-disabled base: 0 for a fresh LoRA (B = 0), not 0 once the
+    adapter moved; tokens after the first EOS do not count."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    frontier = _load(FRONTIER, "frontier")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(model_dir), LoraConfig(r=4, target_modules="all-linear")
+    )
+    trainer = type("Trainer", (), {"model": model, "processing_class": tokenizer})()
+    held_out = [{"prompt": [{"role": "user", "content": "1 + 1"}], "answer": 2}]
+    args = frontier.parse_args(["--quick"])
+    assert frontier.measure(trainer, "format", held_out, args, seed=0)["kl"] == pytest.approx(0.0, abs=1e-6)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.5)
+    assert abs(frontier.measure(trainer, "format", held_out, args, seed=0)["kl"]) > 1e-3
+    eos = tokenizer.eos_token_id
+    sequences = torch.tensor([[5, 6, 7, eos, 9], [5, 6, 7, 8, 9]])
+    logps = frontier._sequence_logps(model, sequences, sequences[:, 2:], tokenizer)
+    with torch.no_grad():
+        token = torch.log_softmax(model(input_ids=sequences).logits[:, 1:-1].float(), -1)
+        token = token.gather(-1, sequences[:, 2:, None]).squeeze(-1)
+    torch.testing.assert_close(logps, torch.stack([token[0, :2].sum(), token[1].sum()]))
+
+
+def test_frontier_rewards():
+    frontier = _load(FRONTIER, "frontier")
+    assert frontier.task_reward("format", "It is 4.", 4) == 1.0
+    assert frontier.task_reward("format", [{"role": "assistant", "content": "4"}], 4) == 0.0
+    assert frontier.task_reward("arithmetic", "4", 4) == 1.0
+    kto = frontier.training_columns(
+        "kto", [{"prompt": "p", "completion": c, "reward": r} for c, r in (("a", 1), ("b", 0))]
+    )
+    assert kto["label"] == [True, False]

@@ -1,0 +1,286 @@
+"""Reward–KL frontier on a real model: for a given distance from the starting model, which trainer buys the most
+held-out reward, with which settings?
+
+Each point is one run: a LoRA adapter trained on SmolLM2-135M-Instruct (offline, CPU) on the demo's rows — the
+model's own sampled answers to one-digit additions — then measured on held-out prompts from samples of the trained
+policy (temperature 1, no top-k/top-p): the mean task reward, and KL(π‖π_ref) estimated as the mean over those
+samples of log π(y|x) − log π_ref(y|x) (summed over tokens; π_ref is the base model, the adapter disabled).
+
+Tasks (same prompts and completions, two rewards):
+
+* `arithmetic`: the demo's reward (1 for the right number, partial credit when close);
+* `format`: a style reward, 1 when the answer ends with a period, else 0 (19 % of the shipped rows).
+
+Methods: RPO over τ with summed or mean log-probs and the empirical or Monte-Carlo partition, KTO over β (labels:
+reward above the split's mean), DRO over τ, SFT on each prompt's best completion. Same LoRA, steps, batch and learning
+rate for all. Results are appended run by run to the JSON (a rerun skips finished runs), then tabulated and plotted.
+
+    python benchmarks/frontier.py                         # the sweep (hours on 2 CPU cores)
+    python benchmarks/frontier.py --tasks format --points rpo_sum_mc_t0.5,kto_b1
+    python benchmarks/frontier.py --quick                 # a tiny random model, seconds: what CI runs
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples" / "smollm2_demo"))
+
+import torch  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from task import reward as arithmetic_reward  # noqa: E402
+
+
+RESULTS = ROOT / "benchmarks" / "results" / "frontier_cpu.json"
+DATA = ROOT / "examples" / "smollm2_demo" / "data"
+# name: (method, options). RPO names read rpo_<aggregation>_<estimator>_t<τ>.
+POINTS = {
+    **{f"rpo_mean_emp_t{t:g}": ("rpo", {"beta": t, "logps_aggregation": "mean", "partition_estimator": "empirical"})
+       for t in (5.0, 1.0, 0.5)},
+    **{f"rpo_sum_mc_t{t:g}": ("rpo", {"beta": t, "logps_aggregation": "sum", "partition_estimator": "monte_carlo"})
+       for t in (2.0, 1.0, 0.5, 0.25)},
+    **{f"rpo_sum_emp_t{t:g}": ("rpo", {"beta": t, "logps_aggregation": "sum", "partition_estimator": "empirical"})
+       for t in (1.0, 0.5)},
+    **{f"kto_b{b:g}": ("kto", {"beta": b}) for b in (3.0, 1.0, 0.1)},
+    **{f"dro_t{t:g}": ("dro", {"beta": t, "logps_aggregation": "sum"}) for t in (1.0, 0.5)},
+    "sft_best": ("sft", {}),
+}  # fmt: skip
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tasks", default="arithmetic,format")
+    p.add_argument("--points", default=",".join(POINTS), help=f"comma-separated, among {list(POINTS)}")
+    p.add_argument("--seeds", type=int, default=1)
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--eval-samples", type=int, default=2, help="samples per held-out prompt")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--output", default=str(RESULTS))
+    p.add_argument("--quick", action="store_true", help="a tiny random model and a few rows: a smoke run")
+    p.add_argument("--no-plot", dest="plot", action="store_false")
+    args = p.parse_args(argv)
+    args.tasks, args.points = args.tasks.split(","), args.points.split(",")
+    unknown = set(args.points) - set(POINTS)
+    if unknown:
+        p.error(f"unknown points {sorted(unknown)}")
+    if args.quick:
+        args.steps, args.batch, args.eval_samples, args.max_new_tokens = 2, 4, 1, 4
+    return args
+
+
+# ------------------------------------------------------------------------------------------------- the tasks
+def completion_text(completion) -> str:
+    return completion if isinstance(completion, str) else completion[-1]["content"]
+
+
+def task_reward(task: str, completion, answer: int) -> float:
+    text = completion_text(completion)
+    return arithmetic_reward(text, answer) if task == "arithmetic" else float(text.strip().endswith("."))
+
+
+def load_rows(task: str, quick: bool) -> tuple[list[dict], list[dict]]:
+    """The training rows (rescored for `task`) and the held-out prompts."""
+    read = lambda name: [json.loads(line) for line in (DATA / name).read_text().splitlines() if line.strip()]  # noqa: E731
+    train, held_out = read("train.jsonl"), read("eval.jsonl")
+    if quick:
+        train, held_out = train[:12], held_out[:3]
+    for row in train:
+        row["reward"] = task_reward(task, row["completion"], row["answer"])
+    return train, held_out
+
+
+def training_columns(method: str, rows: list[dict]) -> dict[str, list]:
+    """The columns each trainer reads, from the same rows."""
+    if method == "sft":
+        best = {}
+        for row in rows:
+            key = json.dumps(row["prompt"])
+            if key not in best or row["reward"] > best[key]["reward"]:
+                best[key] = row
+        return {"prompt": [r["prompt"] for r in best.values()], "completion": [r["completion"] for r in best.values()]}
+    columns = {"prompt": [r["prompt"] for r in rows], "completion": [r["completion"] for r in rows]}
+    if method == "kto":
+        mean = statistics.fmean(r["reward"] for r in rows)
+        return columns | {"label": [r["reward"] > mean for r in rows]}
+    return columns | {"reward": [r["reward"] for r in rows]}
+
+
+# ------------------------------------------------------------------------------------------------- one run
+def train(method: str, options: dict, model_path: str, rows: list[dict], args, seed: int, work: str):
+    from peft import LoraConfig
+    from trl import KTOConfig, KTOTrainer, SFTConfig, SFTTrainer
+
+    from trl_rpo import DROConfig, DROTrainer, RPOConfig, RPOTrainer
+
+    common = {
+        "output_dir": work, "max_steps": args.steps, "per_device_train_batch_size": args.batch,
+        "learning_rate": args.lr, "lr_scheduler_type": "constant_with_warmup",
+        "warmup_steps": min(5, args.steps // 10),
+        "logging_steps": 10, "save_strategy": "no", "report_to": "none", "seed": seed, "bf16": False,
+        "use_cpu": True, "disable_tqdm": True, "gradient_checkpointing": False,
+    }  # fmt: skip
+    classes = {
+        "rpo": (RPOConfig, RPOTrainer, {"cache_ref_log_probs": False}),
+        "dro": (DROConfig, DROTrainer, {"cache_ref_log_probs": False}),
+        "kto": (KTOConfig, KTOTrainer, {}),
+        "sft": (SFTConfig, SFTTrainer, {}),
+    }
+    config_class, trainer_class, extra = classes[method]
+    config = config_class(**common, **extra, **options)
+    lora = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
+    dataset = Dataset.from_dict(training_columns(method, rows))
+    trainer = trainer_class(model_path, args=config, train_dataset=dataset, peft_config=lora)
+    start = time.perf_counter()
+    trainer.train()
+    return trainer, time.perf_counter() - start
+
+
+@torch.no_grad()
+def measure(trainer, task: str, held_out: list[dict], args, seed: int) -> dict[str, float]:
+    """Held-out reward and KL(π‖π_ref) from samples of the trained policy (temperature 1, no truncation)."""
+    model, tokenizer = trainer.model, trainer.processing_class
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+    model.eval()
+    torch.manual_seed(seed)
+    rewards, kls = [], []
+    for row in held_out:
+        text = tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+        prompt_ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        sequences = model.generate(
+            input_ids=prompt_ids.repeat(args.eval_samples, 1), attention_mask=torch.ones_like(prompt_ids).repeat(
+                args.eval_samples, 1), do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+            max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+        )  # fmt: skip
+        completions = sequences[:, prompt_ids.shape[1] :]
+        policy = _sequence_logps(model, sequences, completions, tokenizer)
+        with model.disable_adapter():
+            reference = _sequence_logps(model, sequences, completions, tokenizer)
+        kls += (policy - reference).tolist()
+        for ids in completions:
+            rewards.append(task_reward(task, tokenizer.decode(ids, skip_special_tokens=True), row["answer"]))
+    return {"reward": statistics.fmean(rewards), "kl": statistics.fmean(kls)}
+
+
+def _sequence_logps(model, sequences, completions, tokenizer) -> torch.Tensor:
+    """Summed log-prob of each sampled completion (up to and including its first EOS)."""
+    logits = model(input_ids=sequences).logits[:, -completions.shape[1] - 1 : -1].float()
+    token_logps = torch.log_softmax(logits, -1).gather(-1, completions[..., None]).squeeze(-1)
+    eos = completions == tokenizer.eos_token_id
+    after_eos = (eos.cumsum(-1) - eos.long()) > 0  # tokens generated after the sequence ended are padding
+    return (token_logps * ~after_eos).sum(-1)
+
+
+# ------------------------------------------------------------------------------------------------- the sweep
+def model_path(quick: bool) -> str:
+    if quick:
+        from trl_rpo.testing import build_tokenizer, save_tiny_causal_lm
+
+        path = save_tiny_causal_lm(Path(os.environ.get("TMPDIR", "/tmp")) / "frontier-tiny")
+        tokenizer = build_tokenizer()
+        if tokenizer.chat_template is None:  # the tiny tokenizer has none: a minimal one, as the tests use
+            tokenizer.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+            tokenizer.save_pretrained(path)
+        return path
+    from trl_rpo.testing import smollm2_folder
+
+    return smollm2_folder()
+
+
+def run_sweep(args) -> dict:
+    output = Path(args.output)
+    saved = json.loads(output.read_text()) if output.is_file() else {"runs": []}
+    done = {(r["task"], r["point"], r["seed"]) for r in saved["runs"]}
+    path = model_path(args.quick)
+    for task in args.tasks:
+        rows, held_out = load_rows(task, args.quick)
+        for seed in range(args.seeds):
+            for point in args.points:
+                if (task, point, seed) in done:
+                    continue
+                method, options = POINTS[point]
+                work = str(output.parent / f".frontier-work-{task}-{point}-{seed}")
+                trainer, seconds = train(method, options, path, rows, args, seed, work)
+                run = {"task": task, "point": point, "method": method, "options": options, "seed": seed,
+                       "train_seconds": round(seconds, 1), **measure(trainer, task, held_out, args, seed)}  # fmt: skip
+                saved["runs"].append(run)
+                print(f"{task:>10} {point:>18} seed {seed}: reward {run['reward']:+.3f} KL {run['kl']:6.2f} "
+                      f"({seconds:.0f} s)", flush=True)  # fmt: skip
+                saved |= {
+                    "date": date.today().isoformat(),
+                    "machine": platform.platform(),
+                    "settings": _settings(args),
+                }
+                output.parent.mkdir(parents=True, exist_ok=True)
+                output.write_text(json.dumps(saved, indent=1) + "\n")  # after every run: resumable
+    return saved
+
+
+def _settings(args) -> dict:
+    return {k: v for k, v in vars(args).items() if k not in ("output", "plot", "points", "tasks")}
+
+
+def table(runs: list[dict]) -> str:
+    lines = ["| task | point | held-out reward | KL(π‖π_ref) | train s |", "|---|---|---|---|---|"]
+    for run in sorted(runs, key=lambda r: (r["task"], r["method"], r["kl"])):
+        lines.append(
+            f"| {run['task']} | {run['point']} | {run['reward']:+.3f} | {run['kl']:.2f} | {run['train_seconds']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(runs: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({r["task"] for r in runs})
+    fig, axes = plt.subplots(1, len(tasks), figsize=(7 * len(tasks), 5), squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        for family in sorted({_family(r["point"]) for r in runs}):
+            group = sorted(
+                (r for r in runs if r["task"] == task and _family(r["point"]) == family), key=lambda r: r["kl"]
+            )
+            if group:
+                ax.plot([r["kl"] for r in group], [r["reward"] for r in group], marker="o", label=family)
+        ax.set(title=f"{task}: held-out reward vs KL(π‖π_ref)", xlabel="KL(π‖π_ref), nats", ylabel="held-out reward")
+        ax.set_xscale("symlog", linthresh=0.5)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _family(point: str) -> str:
+    """The sweep a point belongs to: the name without its τ/β."""
+    return point.rsplit("_", 1)[0] if point[-1].isdigit() else point
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    saved = run_sweep(args)
+    print(table(saved["runs"]))
+    if args.plot:
+        plot(saved["runs"], Path(args.output).with_suffix(".png"))
+    return saved
+
+
+if __name__ == "__main__":
+    main()
