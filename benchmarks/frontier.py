@@ -11,9 +11,10 @@ Tasks (same prompts and completions, two rewards):
 * `arithmetic`: the demo's reward (1 for the right number, partial credit when close);
 * `format`: a style reward, 1 when the answer ends with a period, else 0 (19 % of the shipped rows).
 
-Methods: RPO over τ with summed or mean log-probs and the empirical or Monte-Carlo partition, KTO over β (labels:
-reward above the split's mean), DRO over τ, SFT on each prompt's best completion. Same LoRA, steps, batch and learning
-rate for all. Results are appended run by run to the JSON (a rerun skips finished runs), then tabulated and plotted.
+Methods: the starting model (`base`, the frontier's origin), RPO over τ with summed or mean log-probs and the
+empirical or Monte-Carlo partition, KTO over β (labels: reward above the split's mean), DRO over τ, SFT on each
+prompt's best completion. Same LoRA, steps, batch and learning rate for all. Results are appended run by run to the
+JSON (a rerun skips finished runs), then tabulated and plotted.
 
     python benchmarks/frontier.py                         # the sweep (hours on 2 CPU cores)
     python benchmarks/frontier.py --tasks format --points rpo_sum_mc_t0.5,kto_b1
@@ -29,6 +30,7 @@ import sys
 import time
 from datetime import date
 from pathlib import Path
+from types import SimpleNamespace
 
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -44,6 +46,7 @@ RESULTS = ROOT / "benchmarks" / "results" / "frontier_cpu.json"
 DATA = ROOT / "examples" / "smollm2_demo" / "data"
 # name: (method, options). RPO names read rpo_<aggregation>_<estimator>_t<τ>.
 POINTS = {
+    "base": ("base", {}),  # the starting model itself (a LoRA adapter that has not moved): KL 0
     **{f"rpo_mean_emp_t{t:g}": ("rpo", {"beta": t, "logps_aggregation": "mean", "partition_estimator": "empirical"})
        for t in (5.0, 1.0, 0.5)},
     **{f"rpo_sum_mc_t{t:g}": ("rpo", {"beta": t, "logps_aggregation": "sum", "partition_estimator": "monte_carlo"})
@@ -137,9 +140,15 @@ def train(method: str, options: dict, model_path: str, rows: list[dict], args, s
         "kto": (KTOConfig, KTOTrainer, {}),
         "sft": (SFTConfig, SFTTrainer, {}),
     }
+    lora = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
+    if method == "base":
+        from peft import get_peft_model
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_path), lora)
+        return SimpleNamespace(model=model, processing_class=AutoTokenizer.from_pretrained(model_path)), 0.0
     config_class, trainer_class, extra = classes[method]
     config = config_class(**common, **extra, **options)
-    lora = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
     dataset = Dataset.from_dict(training_columns(method, rows))
     trainer = trainer_class(model_path, args=config, train_dataset=dataset, peft_config=lora)
     start = time.perf_counter()
