@@ -27,6 +27,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from datetime import date
 from pathlib import Path
@@ -219,8 +220,8 @@ def run_sweep(args) -> dict:
                 if (task, point, seed) in done:
                     continue
                 method, options = POINTS[point]
-                work = str(output.parent / f".frontier-work-{task}-{point}-{seed}")
-                trainer, seconds = train(method, options, path, rows, args, seed, work)
+                with tempfile.TemporaryDirectory() as work:  # the trainer's output_dir: nothing kept
+                    trainer, seconds = train(method, options, path, rows, args, seed, work)
                 run = {"task": task, "point": point, "method": method, "options": options, "seed": seed,
                        "train_seconds": round(seconds, 1), **measure(trainer, task, held_out, args, seed)}  # fmt: skip
                 saved["runs"].append(run)
