@@ -51,9 +51,14 @@ POINTS = {
     **{f"rpo_mean_emp_t{t:g}": ("rpo", {"beta": t, "logps_aggregation": "mean", "partition_estimator": "empirical"})
        for t in (5.0, 1.0, 0.5)},
     **{f"rpo_sum_mc_t{t:g}": ("rpo", {"beta": t, "logps_aggregation": "sum", "partition_estimator": "monte_carlo"})
-       for t in (2.0, 1.0, 0.5, 0.25)},
+       for t in (2.0, 1.0, 0.5, 0.25, 0.1)},
     **{f"rpo_sum_emp_t{t:g}": ("rpo", {"beta": t, "logps_aggregation": "sum", "partition_estimator": "empirical"})
+       for t in (1.0, 0.5, 0.1)},
+    **{f"rpo_sum_none_t{t:g}": ("rpo", {"beta": t, "logps_aggregation": "sum", "partition_estimator": "none"})
        for t in (1.0, 0.5)},
+    # RPO given KTO's training time (a KTO step costs about 3 RPO steps here)
+    "rpo_sum_mc_120steps_t0.5": ("rpo", {"beta": 0.5, "logps_aggregation": "sum", "partition_estimator": "monte_carlo",
+                                         "max_steps": 120}),
     **{f"kto_b{b:g}": ("kto", {"beta": b}) for b in (3.0, 1.0, 0.1)},
     **{f"dro_t{t:g}": ("dro", {"beta": t, "logps_aggregation": "sum"}) for t in (1.0, 0.5)},
     "sft_best": ("sft", {}),
@@ -147,14 +152,16 @@ def train(method: str, options: dict, model_path: str, rows: list[dict], args, s
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_path), lora)
-        return SimpleNamespace(model=model, processing_class=AutoTokenizer.from_pretrained(model_path)), 0.0
+        base = SimpleNamespace(model=model, processing_class=AutoTokenizer.from_pretrained(model_path))
+        return base, {"setup_seconds": 0.0, "train_seconds": 0.0}
     config_class, trainer_class, extra = classes[method]
-    config = config_class(**common, **extra, **options)
+    config = config_class(**(common | extra | options))  # a point may set its own steps or learning rate
     dataset = Dataset.from_dict(training_columns(method, rows))
+    start = time.perf_counter()  # from the raw rows: tokenization and RPO's target pass count
     trainer = trainer_class(model_path, args=config, train_dataset=dataset, peft_config=lora)
-    start = time.perf_counter()
+    setup = time.perf_counter() - start
     trainer.train()
-    return trainer, time.perf_counter() - start
+    return trainer, {"setup_seconds": round(setup, 1), "train_seconds": round(time.perf_counter() - start - setup, 1)}
 
 
 @torch.no_grad()
@@ -180,7 +187,71 @@ def measure(trainer, task: str, held_out: list[dict], args, seed: int) -> dict[s
         kls += (policy - reference).tolist()
         for ids in completions:
             rewards.append(task_reward(task, tokenizer.decode(ids, skip_special_tokens=True), row["answer"]))
-    return {"reward": statistics.fmean(rewards), "kl": statistics.fmean(kls)}
+    return {"reward": statistics.fmean(rewards), "kl": statistics.fmean(kls), "sample_rewards": rewards}
+
+
+@torch.no_grad()
+def training_fit(trainer, rows: list[dict]) -> dict[str, float]:
+    """How training moved the summed log π/π_ref of its own rows, for those above and below the rows' mean reward
+    (what KTO labels desirable and undesirable); for RPO also the targets it regressed onto and how well it fits them,
+    in its aggregation's units (R² over the rows)."""
+    model = trainer.model
+    model.eval()
+    ratios, lengths = [], []
+    for prompt_ids, completion_ids in _training_ids(trainer, rows):
+        sequence = torch.tensor([prompt_ids + completion_ids])
+        policy = _completion_logps(model, sequence, len(completion_ids))
+        with model.disable_adapter():
+            reference = _completion_logps(model, sequence, len(completion_ids))
+        ratios.append((policy - reference).item())
+        lengths.append(len(completion_ids))
+    mean_reward = statistics.fmean(r["reward"] for r in rows)
+    above = [x for x, r in zip(ratios, rows, strict=True) if r["reward"] > mean_reward]
+    below = [x for x, r in zip(ratios, rows, strict=True) if r["reward"] <= mean_reward]
+    fit = {"log_ratio_above_mean": statistics.fmean(above), "log_ratio_below_mean": statistics.fmean(below)}
+    if "target" in getattr(getattr(trainer, "train_dataset", None), "column_names", ()):
+        fit |= _target_fit(trainer, ratios, lengths, [r["reward"] > mean_reward for r in rows])
+    return fit
+
+
+def _training_ids(trainer, rows: list[dict]) -> list[tuple[list[int], list[int]]]:
+    """Token ids of each training row: the trainer's own where it keeps them (RPO, DRO), else the chat template's."""
+    dataset = getattr(trainer, "train_dataset", None)
+    if {"source_row", "completion_ids"} <= set(getattr(dataset, "column_names", ())):
+        columns = (dataset["source_row"], dataset["prompt_ids"], dataset["completion_ids"])
+        ids = {i: (p, c) for i, p, c in zip(*columns, strict=True)}
+        return [ids[i] for i in range(len(rows))]
+    tokenizer = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)
+    pairs = []
+    for row in rows:
+        completion = row["completion"]
+        messages = completion if isinstance(completion, list) else [{"role": "assistant", "content": completion}]
+        prompt = tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(row["prompt"] + messages, tokenize=False)
+        tokens = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+        pairs.append((tokens(prompt), tokens(full[len(prompt) :])))
+    return pairs
+
+
+def _completion_logps(model, sequence: torch.Tensor, completion_length: int) -> torch.Tensor:
+    logits = model(input_ids=sequence).logits[:, -completion_length - 1 : -1].float()
+    token_logps = torch.log_softmax(logits, -1).gather(-1, sequence[:, -completion_length:, None])
+    return token_logps.sum()
+
+
+def _target_fit(trainer, ratios: list[float], lengths: list[int], above: list[bool]) -> dict[str, float]:
+    dataset, per_token = trainer.train_dataset, trainer.args.logps_aggregation == "mean"
+    fitted = [ratio / length if per_token else ratio for ratio, length in zip(ratios, lengths, strict=True)]
+    targets = dict(zip(dataset["source_row"], dataset["target"], strict=True))
+    rows = sorted(targets)
+    residual = sum((fitted[i] - targets[i]) ** 2 for i in rows)
+    mean_target = statistics.fmean(targets.values())
+    spread = sum((targets[i] - mean_target) ** 2 for i in rows)
+    return {
+        "target_above_mean": statistics.fmean(targets[i] for i in rows if above[i]),
+        "target_below_mean": statistics.fmean(targets[i] for i in rows if not above[i]),
+        "target_r2": 1 - residual / spread if spread else float("nan"),
+    }
 
 
 def _sequence_logps(model, sequences, completions, tokenizer) -> torch.Tensor:
@@ -222,11 +293,13 @@ def run_sweep(args) -> dict:
                 method, options = POINTS[point]
                 with tempfile.TemporaryDirectory() as work:  # the trainer's output_dir: nothing kept
                     trainer, seconds = train(method, options, path, rows, args, seed, work)
-                run = {"task": task, "point": point, "method": method, "options": options, "seed": seed,
-                       "train_seconds": round(seconds, 1), **measure(trainer, task, held_out, args, seed)}  # fmt: skip
+                run = {"task": task, "point": point, "method": method, "options": options, "seed": seed, **seconds,
+                       **measure(trainer, task, held_out, args, seed), "fit": training_fit(trainer, rows)}  # fmt: skip
+                if method != "base":  # the starting model's rewards draw the best possible frontier; others' are noise
+                    del run["sample_rewards"]
                 saved["runs"].append(run)
                 print(f"{task:>10} {point:>18} seed {seed}: reward {run['reward']:+.3f} KL {run['kl']:6.2f} "
-                      f"({seconds:.0f} s)", flush=True)  # fmt: skip
+                      f"({run['setup_seconds'] + run['train_seconds']:.0f} s)", flush=True)  # fmt: skip
                 saved |= {
                     "date": date.today().isoformat(),
                     "machine": platform.platform(),
@@ -241,11 +314,26 @@ def _settings(args) -> dict:
     return {k: v for k, v in vars(args).items() if k not in ("output", "plot", "points", "tasks")}
 
 
+def best_frontier(base_rewards: list[float], num: int = 81) -> list[tuple[float, float]]:
+    """(KL, reward) of π_ref·exp(r/τ)/Z for τ from 100 down to 0.01: the policy that maximises E_π[r] − τ·KL(π‖π_ref),
+    hence the most reward any policy can reach at its KL: the frontier's upper bound. π_ref's rewards are read from
+    the starting model's held-out samples (each sample weighted 1/n), so the bound ends at their best reward."""
+    rewards = torch.tensor(base_rewards, dtype=torch.float64)
+    curve = []
+    for inverse_tau in torch.logspace(-2, 2, num, dtype=torch.float64):
+        weights = torch.softmax(rewards * inverse_tau, 0)  # the tilted distribution over the samples
+        kl = (weights * torch.log(weights * len(rewards))).sum()
+        curve.append((kl.item(), (weights * rewards).sum().item()))
+    return curve
+
+
 def table(runs: list[dict]) -> str:
-    lines = ["| task | point | held-out reward | KL(π‖π_ref) | train s |", "|---|---|---|---|---|"]
+    lines = ["| task | point | seed | held-out reward | KL(π‖π_ref) | setup s | train s |", "|---" * 7 + "|"]
     for run in sorted(runs, key=lambda r: (r["task"], r["method"], r["kl"])):
+        setup = f"{run['setup_seconds']:.0f}" if "setup_seconds" in run else "—"
         lines.append(
-            f"| {run['task']} | {run['point']} | {run['reward']:+.3f} | {run['kl']:.2f} | {run['train_seconds']:.0f} |"
+            f"| {run['task']} | {run['point']} | {run['seed']} | {run['reward']:+.3f} | {run['kl']:.2f} | {setup} | "
+            f"{run['train_seconds']:.0f} |"
         )
     return "\n".join(lines)
 
@@ -265,6 +353,11 @@ def plot(runs: list[dict], path: Path) -> None:
             )
             if group:
                 ax.plot([r["kl"] for r in group], [r["reward"] for r in group], marker="o", label=family)
+        base = [r for r in runs if r["task"] == task and "sample_rewards" in r]
+        if base:
+            curve = best_frontier(base[0]["sample_rewards"])
+            curve.append((max(r["kl"] for r in runs if r["task"] == task), curve[-1][1]))  # flat past the best sample
+            ax.plot(*zip(*curve, strict=True), "k--", linewidth=1, label="best possible: π_ref·exp(r/τ)")
         ax.set(title=f"{task}: held-out reward vs KL(π‖π_ref)", xlabel="KL(π‖π_ref), nats", ylabel="held-out reward")
         ax.set_xscale("symlog", linthresh=0.5)
         ax.legend(fontsize=8)

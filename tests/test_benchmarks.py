@@ -2,6 +2,7 @@
 exact on hand-made distributions. No timing is asserted here: the speed goals are the benchmarks' business."""
 
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -143,7 +144,7 @@ def _load(path: Path, name: str):
 
 def test_frontier_quick_runs_and_resumes(tmp_path):
     output = tmp_path / "frontier.json"
-    points = "rpo_sum_mc_t0.5,kto_b1"
+    points = "base,rpo_sum_mc_t0.5,kto_b1"
     _run_benchmark(FRONTIER, tmp_path, "--quick", "--points", points, "--output", str(output), "--no-plot")
     runs = json.loads(output.read_text())["runs"]
     assert {(r["task"], r["point"]) for r in runs} == {
@@ -152,6 +153,11 @@ def test_frontier_quick_runs_and_resumes(tmp_path):
     for run in runs:
         assert math.isfinite(run["kl"])
         assert 0.0 <= run["reward"] <= 1.0
+        assert min(run["setup_seconds"], run["train_seconds"]) >= 0
+        assert ("sample_rewards" in run) == (run["point"] == "base")  # 12 rows' worth: the bound's input
+        moved = abs(run["fit"]["log_ratio_above_mean"]) + abs(run["fit"]["log_ratio_below_mean"])
+        assert (moved == 0) == (run["point"] == "base")  # the fit reads the trained adapter against the base
+        assert ("target_r2" in run["fit"]) == (run["method"] == "rpo")
     _run_benchmark(FRONTIER, tmp_path, "--quick", "--points", points, "--output", str(output), "--no-plot")
     assert json.loads(output.read_text())["runs"] == runs  # a rerun skips the finished runs
 
@@ -184,6 +190,23 @@ def test_frontier_kl_is_zero_for_an_adapter_that_has_not_moved(model_dir, tmp_pa
         token = torch.log_softmax(model(input_ids=sequences).logits[:, 1:-1].float(), -1)
         token = token.gather(-1, sequences[:, 2:, None]).squeeze(-1)
     torch.testing.assert_close(logps, torch.stack([token[0, :2].sum(), token[1].sum()]))
+
+
+def test_frontier_upper_bound_is_the_binary_kl_curve():
+    """With a 0/1 reward of base rate p, the tilted policy with success rate q sits at KL = kl(q‖p) of two coins: the
+    least KL any policy needs for reward q. The curve starts at the base model and rises to the best sample."""
+    frontier = _load(FRONTIER, "frontier")
+    curve = frontier.best_frontier([1.0] + [0.0] * 9)
+    for kl, q in curve:
+        p = 0.1
+        coins = q * math.log(q / p) + (1 - q) * math.log((1 - q) / (1 - p)) if q < 1 else math.log(1 / p)
+        assert kl == pytest.approx(coins, abs=1e-9)
+    assert curve[0] == pytest.approx((0.0, 0.1), abs=1e-3)
+    assert curve[-1] == pytest.approx((math.log(10), 1.0), abs=1e-6)
+    assert all(a[0] < b[0] and a[1] < b[1] for a, b in itertools.pairwise(curve) if b[1] < 1 - 1e-9)
+    graded = frontier.best_frontier([0.0, 0.5, 1.0])  # a graded reward: from the mean to the best sample
+    assert graded[0][1] == pytest.approx(0.5, abs=1e-2)
+    assert graded[-1] == pytest.approx((math.log(3), 1.0), abs=1e-6)
 
 
 def test_frontier_rewards():
