@@ -76,6 +76,11 @@ class DROConfig(RewardedCompletionsConfig):
     )
 
     def _check_options(self) -> None:
+        if self.padding_free:
+            raise ValueError(
+                "`padding_free=True` is not supported by DROConfig: the value network reads the prompts as a padded "
+                "batch. Remove `padding_free` (or use RPOConfig)."
+            )
         if self.value_model_type == "shared" and self.value_model_name_or_path is not None:
             raise ValueError(
                 "`value_model_name_or_path` is only used with `value_model_type='separate'`; the 'shared' value head "

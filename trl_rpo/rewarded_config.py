@@ -89,6 +89,14 @@ class RewardedCompletionsConfig(KTOConfig):
             "help": "Always True: reference log-probs (and RPO's targets) are computed once per split before training."
         },
     )
+    padding_free: bool = field(
+        default=False,
+        metadata={
+            "help": "Lay the rows of each micro-batch end to end in one sequence, with per-row position ids and no "
+            "pad token, in training and in the target pass (causal models; attention 'sdpa', 'eager', "
+            "'flex_attention' or flash-attention). Per-row results equal the padded path's.",
+        },
+    )
     train_sampling_strategy: str = field(
         default="random",
         metadata={

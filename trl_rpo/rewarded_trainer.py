@@ -29,6 +29,7 @@ from trl.trainer.utils import get_config_model_id, global_then_local_main_first,
 from .data import (
     SHARED_ROW_COLUMNS,
     DataCollatorForRewardedCompletions,
+    LengthGroupedSampler,
     RewardSpec,
     check_rows,
     column_numpy,
@@ -103,6 +104,8 @@ class RewardedCompletionsTrainer(ReferencePassMixin, KTOTrainer):
         if processing_class is None:
             processing_class = _load_processing_class(model, args)
         self.is_encoder_decoder = _is_encoder_decoder(model, args)
+        if args.padding_free:
+            _refuse_padding_free_before_loading(self.is_encoder_decoder, data_collator)
         if data_collator is None:
             tokenizer = getattr(processing_class, "tokenizer", processing_class)
             data_collator = DataCollatorForRewardedCompletions(
@@ -111,6 +114,7 @@ class RewardedCompletionsTrainer(ReferencePassMixin, KTOTrainer):
                 pad_to_multiple_of=None if args.pad_to_multiple_of == "auto" else args.pad_to_multiple_of,
                 is_encoder_decoder=self.is_encoder_decoder,
                 value_columns={**SHARED_ROW_COLUMNS, **dict.fromkeys(self._loss_columns, torch.float32)},
+                padding_free=args.padding_free,
             )
         self._reward_stats = None  # set by the training split's target pass, reused by evaluation splits
         self._data_stats: dict[str, float] = {}
@@ -141,6 +145,8 @@ class RewardedCompletionsTrainer(ReferencePassMixin, KTOTrainer):
             for module in (self.model, self.ref_model):
                 if module is not None:
                     disable_dropout(module)
+        if args.padding_free:
+            _refuse_padding_free_for(self.model)
         if self.is_fsdp_enabled and ref_model is None:
             # TRL loads a reference copy under FSDP for its own precompute; the target pass uses the prepared policy.
             self.ref_model = None
@@ -310,6 +316,14 @@ class RewardedCompletionsTrainer(ReferencePassMixin, KTOTrainer):
             return np.minimum(prompt, max_length) + np.minimum(completion, max_length)
         return np.minimum(prompt + completion, max_length)
 
+    def _get_train_sampler(self, train_dataset=None):
+        """transformers' `group_by_length` grouping, read from the `length` column without Python work per row."""
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        if self.args.train_sampling_strategy != "group_by_length" or not isinstance(dataset, Dataset):
+            return super()._get_train_sampler(train_dataset)
+        lengths = column_numpy(dataset, self.args.length_column_name)
+        return LengthGroupedSampler(lengths, self.args.train_batch_size * self.args.gradient_accumulation_steps)
+
     def _completion_logps(self, model, batch: dict[str, torch.Tensor], with_entropy: bool = False):
         """Per row: summed log-prob of the completion tokens, their count, summed token entropy, model outputs."""
         if self.is_encoder_decoder:
@@ -321,7 +335,7 @@ class RewardedCompletionsTrainer(ReferencePassMixin, KTOTrainer):
             )
             token_logps = token_logps * mask
         else:
-            kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+            kwargs = {"input_ids": batch["input_ids"], "use_cache": False, **_attention_inputs(batch)}
             if self.aux_loss_enabled and model is not self.ref_model:
                 kwargs["output_router_logits"] = True
             labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
@@ -330,8 +344,10 @@ class RewardedCompletionsTrainer(ReferencePassMixin, KTOTrainer):
             # Position i predicts token i + 1; prompt-learning PEFT prepends virtual tokens, so keep the last ones.
             mask = batch["completion_mask"][:, 1:]
             token_logps, entropy = outputs.log_probs[:, -mask.size(1) :], outputs.entropy
-        entropy = (entropy[:, -mask.size(1) :].detach() * mask).sum(-1) if with_entropy else None
-        return token_logps.sum(-1), mask.sum(-1), entropy, outputs
+        entropy = entropy[:, -mask.size(1) :].detach() * mask if with_entropy else None
+        if "row_lengths" in batch:  # padding-free: one sequence holds every row; sum each row's segment
+            return *_per_row(batch["row_lengths"], token_logps * mask, mask, entropy), outputs
+        return token_logps.sum(-1), mask.sum(-1), None if entropy is None else entropy.sum(-1), outputs
 
     def _aggregate(self, sum_logps: torch.Tensor, num_tokens: torch.Tensor) -> torch.Tensor:
         return sum_logps if self.args.logps_aggregation == "sum" else sum_logps / num_tokens.clamp(min=1)
@@ -349,7 +365,7 @@ class RewardedCompletionsTrainer(ReferencePassMixin, KTOTrainer):
         self._record_metrics(mode, batch, policy_logps.detach(), row, entropy, num_tokens)
         if return_outputs and not self.is_encoder_decoder:
             with torch.no_grad():  # `compute_metrics` wants logits, which the fused head never builds
-                outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                outputs = model(input_ids=batch["input_ids"], **_attention_inputs(batch))
         if return_outputs:
             return loss, outputs
         return loss
@@ -361,7 +377,8 @@ class RewardedCompletionsTrainer(ReferencePassMixin, KTOTrainer):
 
     def _record_metrics(self, mode: str, batch, policy_logps, row: RowMetrics, entropy, completion_tokens) -> None:
         # One gather of a (rows, 10) table and one of the group keys: two syncs per step, whatever the metric count.
-        tokens = batch["attention_mask"].sum(-1) + (completion_tokens if self.is_encoder_decoder else 0)
+        tokens = batch["row_lengths"] if "row_lengths" in batch else batch["attention_mask"].sum(-1)
+        tokens = tokens + (completion_tokens if self.is_encoder_decoder else 0)
         columns = [policy_logps, batch["ref_logps"], row.targets, row.values, row.log_ratios, row.residuals]
         columns += [batch["reward"], entropy, completion_tokens, tokens]
         table = self.accelerator.gather_for_metrics(torch.stack([c.float() for c in columns], dim=1)).cpu()
@@ -436,6 +453,60 @@ class RewardedCompletionsTrainer(ReferencePassMixin, KTOTrainer):
             prefix = metric_key_prefix if not isinstance(eval_dataset, dict) else f"{metric_key_prefix}_{name}"
             metrics |= super(KTOTrainer, self).evaluate(split, ignore_keys, prefix)
         return metrics
+
+
+def _attention_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A padded batch's attention mask, or a padding-free batch's position ids (from which transformers builds the
+    mask that keeps its rows apart)."""
+    return (
+        {"position_ids": batch["position_ids"]}
+        if "row_lengths" in batch
+        else {"attention_mask": batch["attention_mask"]}
+    )
+
+
+def _per_row(row_lengths: torch.Tensor, token_logps: torch.Tensor, mask: torch.Tensor, entropy: torch.Tensor | None):
+    """Per-row sums of a padding-free sequence's predicted-token values (position i predicts token i + 1, so a value
+    belongs to the row of the token it predicts): summed log-probs, completion token count, summed entropy."""
+    rows = torch.repeat_interleave(torch.arange(len(row_lengths), device=row_lengths.device), row_lengths)[1:]
+    per_row = lambda values: values.new_zeros(len(row_lengths)).index_add(0, rows, values[0])  # noqa: E731
+    return per_row(token_logps), per_row(mask), None if entropy is None else per_row(entropy)
+
+
+# Attention implementations that read per-row position ids of one packed sequence as separate sequences
+# (transformers' masking utilities for sdpa/eager/flex, `cu_seqlens` for flash-attention).
+_PACKING_ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
+
+
+def _refuse_padding_free_before_loading(is_encoder_decoder: bool, data_collator) -> None:
+    if is_encoder_decoder:
+        raise ValueError(
+            "`padding_free=True` needs a causal model: an encoder-decoder reads the prompt and the completion as "
+            "two sequences, which cannot be laid end to end. Remove `padding_free`."
+        )
+    if data_collator is not None:
+        raise ValueError(
+            "`padding_free=True` sets up the trainer's own collator, but a `data_collator` was passed. Remove one of "
+            "them (or pack in your collator: see `trl_rpo.data.pack_rows`)."
+        )
+
+
+def _refuse_padding_free_for(model) -> None:
+    """Rows of a padding-free batch share one sequence: only attention that keeps them apart may read it."""
+    config = getattr(model, "config", None)
+    attention = getattr(config, "_attn_implementation", None)
+    if not (attention in _PACKING_ATTENTION or "flash" in str(attention)):
+        supported = ", ".join(_PACKING_ATTENTION)
+        raise ValueError(
+            f"`padding_free=True` needs an attention implementation that keeps packed rows apart ({supported} or a "
+            f"flash-attention kernel); this model uses {attention!r}. Load it with "
+            "`model_init_kwargs={'attn_implementation': 'sdpa'}` or remove `padding_free`."
+        )
+    if is_peft_model(model) and model.active_peft_config.is_prompt_learning:
+        raise ValueError(
+            "`padding_free=True` cannot be used with prompt-learning PEFT (prompt/prefix tuning): its virtual tokens "
+            "are added once per sequence, not once per row. Use LoRA, or remove `padding_free`."
+        )
 
 
 def _is_encoder_decoder(model, args: RewardedCompletionsConfig) -> bool:

@@ -75,6 +75,15 @@ class RPOConfig(RewardedCompletionsConfig):
             and dropped by the trainer (your own variable, if any, still holds it). Set `True` to keep it, e.g. to
             pass new datasets to `evaluate()` after construction.
 
+        > Parameters that control the batches
+
+        padding_free (`bool`, *optional*, defaults to `False`):
+            Lay the rows of each micro-batch end to end in one sequence, with position ids restarting on each row and
+            no pad token, in training and in the target pass; per-row log-probs are segment sums, so results equal the
+            padded path's while no compute goes to padding. Causal models only, with an attention implementation that
+            keeps packed rows apart (`"sdpa"`, `"eager"`, `"flex_attention"`, flash-attention); refused for
+            encoder-decoder models, prompt-learning PEFT and a custom `data_collator`. See docs/throughput.md.
+
         > Parameters inherited from KTOConfig with a different default
 
         precompute_ref_log_probs (`bool`, *optional*, defaults to `True`):

@@ -23,7 +23,7 @@ passed, so that later errors and counts name the user's rows. [`DataCollatorForR
 batches, from Python rows in training and from Arrow batches (no loop over rows) in the target pass.
 """
 
-from .collator import SHARED_ROW_COLUMNS, DataCollatorForRewardedCompletions
+from .collator import SHARED_ROW_COLUMNS, DataCollatorForRewardedCompletions, pack_rows
 from .columns import column_numpy, describe_rows, list_lengths, token_ids_digest
 from .formats import (
     DERIVED_COLUMNS,
@@ -39,6 +39,7 @@ from .formats import (
     reward_rows_batch,
     to_reward_rows,
 )
+from .sampler import LengthGroupedSampler
 from .tokenize import ids_key, prepare_rows_batch, tokenize_batch
 
 
@@ -52,6 +53,7 @@ __all__ = [
     "SCORE_COLUMNS",
     "SHARED_ROW_COLUMNS",
     "DataCollatorForRewardedCompletions",
+    "LengthGroupedSampler",
     "RewardSpec",
     "RowFormat",
     "check_rows",
@@ -59,6 +61,7 @@ __all__ = [
     "describe_rows",
     "ids_key",
     "list_lengths",
+    "pack_rows",
     "prepare_rows_batch",
     "reward_rows_batch",
     "to_reward_rows",

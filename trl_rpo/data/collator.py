@@ -24,7 +24,8 @@ class DataCollatorForRewardedCompletions(DataCollatorMixin):
     `group_key`, and the columns of the trainer's objective (RPO's `ref_logps`, `target`, `value`), which the trainer
     names in `value_columns` (column → dtype). For a causal model the output has `input_ids` (prompt + completion),
     `attention_mask` and `completion_mask` (1 on completion tokens), truncated to `max_length` before padding
-    (keeping the start). For an encoder-decoder model (`is_encoder_decoder=True`) the prompt alone feeds the encoder
+    (keeping the start); with `padding_free=True` the rows are then laid end to end in one sequence (see
+    [`pack_rows`]). For an encoder-decoder model (`is_encoder_decoder=True`) the prompt alone feeds the encoder
     (`input_ids`, `attention_mask`) and the completion is the decoder's target (`completion_ids`, padded with the
     pad token, and `completion_mask`), each truncated to `max_length`. Each value column present becomes one tensor.
 
@@ -44,7 +45,15 @@ class DataCollatorForRewardedCompletions(DataCollatorMixin):
     pad_to_multiple_of: int | None = None
     is_encoder_decoder: bool = False
     value_columns: dict[str, torch.dtype] = field(default_factory=lambda: dict(SHARED_ROW_COLUMNS))
+    padding_free: bool = False
     return_tensors: str = "pt"
+
+    def __post_init__(self):
+        if self.padding_free and self.is_encoder_decoder:
+            raise ValueError(
+                "`padding_free=True` needs a causal model: an encoder-decoder's prompt and completion are two "
+                "sequences, which cannot be laid end to end. Remove `padding_free`."
+            )
 
     def _pad(self, sequences: list[list[int]], value: int) -> torch.Tensor:
         tensors = [torch.tensor(s[: self.max_length], dtype=torch.int64) for s in sequences]
@@ -73,7 +82,7 @@ class DataCollatorForRewardedCompletions(DataCollatorMixin):
         for column, dtype in self.value_columns.items():
             if column in examples[0]:
                 output[column] = torch.tensor([example[column] for example in examples], dtype=dtype)
-        return output
+        return pack_rows(output) if self.padding_free else output
 
     def collate_arrow(self, prompt_ids: pa.Array, completion_ids: pa.Array) -> dict[str, torch.Tensor]:
         """`torch_call` on token-id columns read as Arrow lists, vectorised (no Python work per row): what the
@@ -86,7 +95,8 @@ class DataCollatorForRewardedCompletions(DataCollatorMixin):
             return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_ids": labels,
                     "completion_mask": completion_mask}  # fmt: skip
         input_ids, attention_mask, piece = self._pad_flat([prompts, completions])
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": (piece == 1).long()}
+        output = {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": (piece == 1).long()}
+        return pack_rows(output) if self.padding_free else output
 
     def _pad_flat(self, pieces: list[tuple[np.ndarray, np.ndarray]]) -> tuple[torch.Tensor, ...]:
         """Rows made of `pieces` (flat values, lengths) laid end to end, cut at `max_length`, right-padded: ids,
@@ -108,6 +118,39 @@ class DataCollatorForRewardedCompletions(DataCollatorMixin):
             source[rows[inside], positions[inside]] = index
             offset += length
         return torch.from_numpy(ids), torch.from_numpy((source >= 0).astype(np.int64)), torch.from_numpy(source)
+
+
+def pack_rows(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A right-padded causal batch → its rows laid end to end in one sequence, without pad tokens.
+
+    The result has `input_ids` and `completion_mask` of shape (1, tokens), `position_ids` restarting at 0 on each
+    row (what makes transformers' attention keep the rows apart), `row_lengths` (tokens of each row, in order) and
+    no `attention_mask`; per-row value columns are kept as they are. Built from the padded batch, so truncation is
+    exactly the padded path's.
+
+    Example:
+
+    ```python
+    >>> pack_rows({"input_ids": torch.tensor([[1, 2, 3], [4, 5, 0]]),
+    ...            "attention_mask": torch.tensor([[1, 1, 1], [1, 1, 0]]),
+    ...            "completion_mask": torch.tensor([[0, 1, 1], [0, 1, 0]])})
+    {'input_ids': tensor([[1, 2, 3, 4, 5]]), 'completion_mask': tensor([[0, 1, 1, 0, 1]]),
+     'position_ids': tensor([[0, 1, 2, 0, 1]]), 'row_lengths': tensor([3, 2])}
+    ```
+    """
+    tokens = batch["attention_mask"].bool()  # right padding: each row's tokens come first, in order
+    row_lengths = tokens.sum(-1)
+    starts = torch.repeat_interleave(row_lengths.cumsum(0) - row_lengths, row_lengths)
+    packed = {
+        "input_ids": batch["input_ids"][tokens][None],
+        "completion_mask": batch["completion_mask"][tokens][None],
+        "position_ids": (torch.arange(int(row_lengths.sum())) - starts)[None],
+        "row_lengths": row_lengths,
+    }
+    per_row = {
+        key: value for key, value in batch.items() if key not in ("input_ids", "attention_mask", "completion_mask")
+    }
+    return packed | per_row
 
 
 def _flat_lists(lists: pa.Array, max_length: int | None) -> tuple[np.ndarray, np.ndarray]:
