@@ -11,6 +11,24 @@ Timing: every method trains in its own thread, but a baton lets only one run at 
 methods share the machine's slow and fast moments alike. Peak memory: each method runs again alone, in its own
 subprocess (`ru_maxrss`, like memory.py). The table goes to stdout, the numbers to
 `benchmarks/results/throughput_<cpu|cuda>.json`. See README.md.
+
+`--workload variable`: useful (non-pad) tokens per second on rows of heavy-tailed lengths, for the floor (padded
+batches), RPO padded in random order, with `train_sampling_strategy="group_by_length"`, with `padding_free=True`,
+with both, and KTOTrainer; plus RPO's target pass padded vs padding-free, and "target pass + one epoch" end to end.
+
+    python benchmarks/throughput.py --workload variable [--prompts 16] [--completions 4] [--length-scale 1.0]
+                                    [--epochs 1] [--batch 8] [--no-memory]      # --quick works here too
+
+Lengths (tokens, drawn per prompt and per completion with a fixed seed, then rounded and clipped):
+prompt ~ LogNormal(median 64, σ 0.8) clipped to [8, 512]; completion (EOS included) ~ LogNormal(median 128, σ 0.8)
+clipped to [4, 768]; `--completions` completions per prompt, each with its own length, reward ~ N(0, 1) and KTO label
+(reward > 0). `--length-scale` multiplies the medians and the bounds. This is an ASSUMED shape, modelled on
+UltraFeedback-like preference data (prompts from a few dozen to several hundred tokens, completions up to a thousand
+or more); it is not fitted to any data set. `max_length` is set to the longest possible row (prompt bound + completion
+bound), so nothing is truncated. Every method's timed region is whole epochs (one warm-up epoch discarded, then
+`--epochs` epochs split into interleaved turns), so every method processes the same rows: tokens/s = useful tokens of
+the timed epochs / the sum of that method's step periods. The numbers go to
+`benchmarks/results/throughput_variable_<cpu|cuda>.json`.
 """
 
 import argparse
@@ -38,6 +56,29 @@ METHODS = {
     "kto_precomputed": "KTOTrainer, precompute_ref_log_probs=True",
     "sft": "SFTTrainer (completion-only loss)",
 }
+# --workload variable: the methods, the RPOConfig options of each RPO variant, and the assumed length distributions.
+VARIABLE_METHODS = {
+    "floor": "plain PyTorch floor (padded)",
+    "rpo": "RPOTrainer, padded, random order",
+    "rpo_grouped": "RPOTrainer, group_by_length",
+    "rpo_padding_free": "RPOTrainer, padding_free",
+    "rpo_padding_free_grouped": "RPOTrainer, padding_free + group_by_length",
+    "kto": "KTOTrainer",
+}
+RPO_VARIANTS = {
+    "rpo": {},
+    "rpo_grouped": {"train_sampling_strategy": "group_by_length"},
+    "rpo_padding_free": {"padding_free": True},
+    "rpo_padding_free_grouped": {"padding_free": True, "train_sampling_strategy": "group_by_length"},
+}
+PROMPT_LENGTHS = {"median": 64, "sigma": 0.8, "low": 8, "high": 512}
+COMPLETION_LENGTHS = {"median": 128, "sigma": 0.8, "low": 4, "high": 768}  # EOS included
+ASSUMED_SHAPE = (
+    "assumed log-normal shape modelled on UltraFeedback-like data (prompts from a few dozen to several hundred "
+    "tokens, completions up to a thousand or more), not fitted to a data set"
+)
+# Characters that no merge of `trl_rpo.testing.build_tokenizer` involves: one token each, so drawn lengths are exact.
+ONE_TOKEN_CHARS = list("jkvxzc ")
 MB = 1024**2
 WORDS = "the a is of to and what how why answer question good bad yes no maybe sum plus minus equals".split()
 
@@ -55,7 +96,7 @@ def parse_args(argv=None):
     p.add_argument("--steps-per-turn", type=int, default=2)
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--lr", type=float, default=1e-5)
-    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--methods", default=None, help="default: every method of the workload")
     p.add_argument("--target-pass-repeats", type=int, default=3)
     p.add_argument("--partition-rows", type=int, default=1_000_000)
     p.add_argument("--partition-groups", type=int, default=100_000)
@@ -63,15 +104,26 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="smoke run: tiny model and data, 1 round, no memory")
     p.add_argument("--output", default=None, help="JSON path (default: results/throughput_<cpu|cuda>.json)")
     p.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)  # internal: one method, peak RSS
+    p.add_argument("--workload", choices=["fixed", "variable"], default="fixed", help="see the module docstring")
+    p.add_argument("--completions", type=int, default=4, help="variable workload: completions per prompt")
+    p.add_argument("--length-scale", type=float, default=1.0, help="variable workload: × length medians and bounds")
+    p.add_argument("--epochs", type=int, default=1, help="variable workload: timed epochs (after one warm-up epoch)")
     args = p.parse_args(argv)
+    variable = args.workload == "variable"
     if args.quick:
         args.layers, args.hidden, args.vocab, args.batch, args.seq, args.prompts = 1, 32, 512, 4, 33, 2
         args.warmup, args.rounds, args.steps_per_turn, args.memory = 1, 1, 1, False
         args.target_pass_repeats, args.partition_rows, args.partition_groups = 1, 10_000, 1_000
-    args.methods = [m for m in args.methods.split(",") if m]
-    unknown = set(args.methods) - set(METHODS)
-    if unknown or "floor" not in args.methods:
-        p.error(f"--methods: choose among {list(METHODS)}, 'floor' included (got {args.methods})")
+        if variable:
+            args.length_scale = min(args.length_scale, 0.25)
+    if variable:  # the longest possible row: nothing is truncated
+        args.seq = sum(length_bounds(spec, args.length_scale)[2] for spec in (PROMPT_LENGTHS, COMPLETION_LENGTHS))
+    known = VARIABLE_METHODS if variable else METHODS
+    args.methods = [m for m in (args.methods or ",".join(known)).split(",") if m]
+    unknown = set(args.methods) - set(known)
+    needed = ["floor", "rpo"] if variable else ["floor"]  # the ratios' references
+    if unknown or not set(needed) <= set(args.methods):
+        p.error(f"--methods: choose among {list(known)}, {needed} included (got {args.methods})")
     return args
 
 
@@ -94,6 +146,43 @@ def make_rows(tokenizer, num_prompts: int, seq: int) -> dict[str, list]:
             rows["reward"].append(reward + rng.uniform(-0.1, 0.1))
             rows["label"].append(reward > 0)
     return rows
+
+
+def length_bounds(spec: dict, scale: float) -> tuple[int, int, int]:
+    """(median, low, high) of a length distribution times `scale`; at least 2 tokens (a prompt token, and a completion
+    token besides EOS)."""
+    return tuple(max(2, round(spec[key] * scale)) for key in ("median", "low", "high"))
+
+
+def draw_lengths(rng, spec: dict, scale: float, n: int):
+    """`n` token counts ~ LogNormal(median, σ), rounded and clipped to [low, high]."""
+    import numpy as np
+
+    median, low, high = length_bounds(spec, scale)
+    return np.clip(np.rint(rng.lognormal(np.log(median), spec["sigma"], n)), low, high).astype(np.int64)
+
+
+def make_variable_rows(num_prompts: int, completions: int, scale: float = 1.0, seed: int = 0) -> dict[str, list]:
+    """`num_prompts` prompts × `completions` completions of heavy-tailed lengths (see `PROMPT_LENGTHS`,
+    `COMPLETION_LENGTHS`), in a shuffled order (KTO reads rows in order). Texts are made of `ONE_TOKEN_CHARS`, so a
+    prompt tokenises to exactly `prompt_tokens` tokens and a completion plus EOS to `completion_tokens`."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    text = lambda n: "".join(rng.choice(ONE_TOKEN_CHARS, n))  # noqa: E731
+    prompt_tokens = np.repeat(draw_lengths(rng, PROMPT_LENGTHS, scale, num_prompts), completions)
+    completion_tokens = draw_lengths(rng, COMPLETION_LENGTHS, scale, num_prompts * completions)
+    prompts = np.repeat([text(n) for n in prompt_tokens[::completions]], completions)
+    rewards = rng.normal(size=len(prompts))
+    order = rng.permutation(len(prompts))
+    return {
+        "prompt": [str(prompts[i]) for i in order],
+        "completion": [text(completion_tokens[i] - 1) for i in order],  # the tokenisers append EOS
+        "reward": [float(rewards[i]) for i in order],
+        "label": [bool(rewards[i] > 0) for i in order],
+        "prompt_tokens": [int(prompt_tokens[i]) for i in order],
+        "completion_tokens": [int(completion_tokens[i]) for i in order],
+    }
 
 
 def build_model(tokenizer, args):
@@ -269,7 +358,15 @@ def build_trainers(names, tokenizer, rows, args, work_dir, steps, clocks):
         callbacks=cb("rpo"),
     )
     for name in names:
-        if name in ("kto", "kto_precomputed"):
+        if name in RPO_VARIANTS and name != "rpo":
+            built[name] = RPOTrainer(
+                model=build_model(tokenizer, args),
+                args=RPOConfig(**base(name), **RPO_VARIANTS[name]),
+                train_dataset=reward_data,
+                processing_class=tokenizer,
+                callbacks=cb(name),
+            )
+        elif name in ("kto", "kto_precomputed"):
             precompute = name == "kto_precomputed"
             built[name] = KTOTrainer(
                 model=build_model(tokenizer, args),
@@ -303,15 +400,34 @@ def tokens_per_row(dataset) -> float:
     )
 
 
-def time_steps(args, tokenizer, rows, work_dir) -> dict:
-    """Train every method in its own thread, one at a time, round-robin; return per-step times and the trainers."""
-    turns = [args.warmup] + [args.steps_per_turn] * args.rounds
+def count_tokens(model, records: list):
+    """Append (tokens computed, tokens not padding) for each forward of `model`'s decoder with gradients enabled: the
+    training forwards, not the target pass nor KTO's no-grad KL and reference forwards. A padding-free batch has no
+    attention mask: all its tokens are useful."""
+    import torch
+
+    def hook(_module, _args, kwargs):
+        if torch.is_grad_enabled():
+            ids, mask = kwargs["input_ids"], kwargs.get("attention_mask")
+            records.append((ids.numel(), ids.numel() if mask is None else int(mask.sum())))
+
+    return model.get_decoder().register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def run_interleaved(args, tokenizer, rows, work_dir, turns, also_build=(), token_records=None):
+    """Train every method of `args.methods` in its own thread, one at a time, round-robin, `turns` steps per turn.
+    Returns the clocks, the trainers (those of `also_build` too) and the floor's model; with `token_records` (a dict),
+    fills it with each method's `count_tokens` records."""
     steps = sum(turns)
     baton = Baton(args.methods)
     clocks = {name: Clock(name, baton, turns, args.threads) for name in args.methods}
-    built = build_trainers(args.methods, tokenizer, rows, args, work_dir, steps, clocks)
+    names = list(dict.fromkeys([*args.methods, *also_build]))
+    built = build_trainers(names, tokenizer, rows, args, work_dir, steps, clocks)
     rpo = built["rpo"]
     floor_model = build_model(tokenizer, args)
+    if token_records is not None:
+        for name in args.methods:
+            count_tokens(floor_model if name == "floor" else built[name].model, token_records.setdefault(name, []))
     errors = {}
 
     def target(name):
@@ -334,10 +450,19 @@ def time_steps(args, tokenizer, rows, work_dir) -> dict:
     if errors:
         name, error = next(iter(errors.items()))
         raise RuntimeError(f"method {name!r} failed") from error
-    results = {}
     for name, clock in clocks.items():
         if len(clock.period_s) != steps:
             raise RuntimeError(f"{name}: {len(clock.period_s)} steps timed, {steps} expected")
+    return clocks, built, floor_model
+
+
+def time_steps(args, tokenizer, rows, work_dir) -> dict:
+    """The fixed workload: per-step times of every method, interleaved; and the trainers."""
+    turns = [args.warmup] + [args.steps_per_turn] * args.rounds
+    steps = sum(turns)
+    clocks, built, floor_model = run_interleaved(args, tokenizer, rows, work_dir, turns)
+    results = {}
+    for name, clock in clocks.items():
         kept = slice(args.warmup, None)
         results[name] = {
             "s_per_step_median": statistics.median(clock.period_s[kept]),
@@ -423,11 +548,240 @@ def time_partition(args) -> dict:
     }
 
 
+# ------------------------------------------------------------------------------------------ variable workload
+def epoch_turns(batches: int, epochs: int, per_turn: int) -> list[int]:
+    """One warm-up epoch as the first turn, then `epochs` epochs in turns of `per_turn` steps (the last maybe fewer):
+    every method's timed steps then cover the same rows, whatever order its sampler draws them in."""
+    timed = epochs * batches
+    return [batches] + [per_turn] * (timed // per_turn) + ([timed % per_turn] if timed % per_turn else [])
+
+
+def time_epochs(args, tokenizer, rows, work_dir):
+    """Useful tokens/s of every method over whole epochs, interleaved; and the trainers (the padding-free RPO one is
+    always built: the target pass compares it with the padded one)."""
+    num_rows, batches = len(rows["prompt"]), -(-len(rows["prompt"]) // args.batch)
+    turns = epoch_turns(batches, args.epochs, args.steps_per_turn)
+    records = {}
+    clocks, built, floor_model = run_interleaved(
+        args, tokenizer, rows, work_dir, turns, also_build=["rpo_padding_free"], token_records=records
+    )
+    for name, trainer in built.items():
+        if len(trainer.train_dataset) != num_rows:  # a dropped row would make the token counts differ
+            raise RuntimeError(f"{name} kept {len(trainer.train_dataset)} of {num_rows} rows")
+    epoch_tokens = int(sum(built["rpo"].train_dataset[built["rpo"].args.length_column_name]))
+    results = {}
+    for name, clock in clocks.items():
+        if len(records[name]) != sum(turns):
+            raise RuntimeError(f"{name}: {len(records[name])} training forwards counted, {sum(turns)} expected")
+        computed, useful = (sum(column) for column in zip(*records[name][batches:], strict=True))
+        seconds = sum(clock.period_s[batches:])
+        results[name] = {
+            "tokens_per_s": args.epochs * epoch_tokens / seconds,
+            "epoch_s": seconds / args.epochs,
+            "useful_tokens_timed": useful,  # measured at the decoder's input: equal for all when no row is lost
+            "computed_tokens_timed": computed,
+            "padding_share": 1 - useful / computed,
+            "s_per_step_all": clock.period_s,
+            "step_only_s_all": clock.step_s,
+        }
+    return results, built, floor_model, epoch_tokens, batches
+
+
+def time_target_passes(built, args) -> dict:
+    """RPO's `_reference_pass` over every row, interleaved: padded batches of rows in dataset order (how the pass ran
+    before it sorted, and how KTOTrainer's precompute runs), padded batches longest first (the default now), and
+    padding-free batches; and the tokens each computes."""
+    import numpy as np
+
+    trainers = {"padded_in_order": built["rpo"], "padded": built["rpo"], "padding_free": built["rpo_padding_free"]}
+    in_order = lambda dataset, start, stop: np.arange(stop - start)  # noqa: E731
+
+    def run(key, trainer):
+        if key == "padded_in_order":
+            trainer._scoring_order = in_order  # this instance only, for this pass
+        try:
+            trainer._reference_pass(trainer._reference_model(), trainer.train_dataset, "benchmark", args.batch)
+        finally:
+            trainer.__dict__.pop("_scoring_order", None)
+
+    times = {key: [] for key in trainers}
+    for key, trainer in trainers.items():  # warm-up
+        run(key, trainer)
+    for _ in range(args.target_pass_repeats):
+        for key, trainer in trainers.items():
+            start = time.perf_counter()
+            run(key, trainer)
+            times[key].append(time.perf_counter() - start)
+    lengths = np.asarray(built["rpo"].train_dataset[built["rpo"].args.length_column_name])
+    useful = int(lengths.sum())
+
+    def padded(order):  # tokens of padded batches of `args.batch` rows taken in this order
+        return sum(len(b) * int(b.max()) for b in np.split(order, range(args.batch, len(order), args.batch)))
+
+    computed = {"padded_in_order": padded(lengths), "padded": padded(np.sort(lengths)[::-1]), "padding_free": useful}
+    out = {
+        key: {
+            "s_median": statistics.median(t),
+            "s_all": t,
+            "computed_tokens": computed[key],
+            "padding_share": 1 - useful / computed[key],
+        }
+        for key, t in times.items()
+    }
+    out |= {"rows": len(lengths), "batch": args.batch, "useful_tokens": useful}
+    out["speedup_padding_free"] = out["padded_in_order"]["s_median"] / out["padding_free"]["s_median"]
+    out["speedup_longest_first"] = out["padded_in_order"]["s_median"] / out["padded"]["s_median"]
+    return out
+
+
+def variable_ratios(methods: dict, target_pass: dict, epoch_tokens: int) -> dict:
+    """Ratios to padded RPO (and of the RPO variants to KTO), end to end with each variant's target pass; the goal."""
+    for name, m in methods.items():
+        if name in RPO_VARIANTS:
+            own_pass = "padding_free" if RPO_VARIANTS[name].get("padding_free") else "padded"
+            m["target_pass_s"] = target_pass[own_pass]["s_median"]
+            m["end_to_end_tokens_per_s"] = epoch_tokens / (m["target_pass_s"] + m["epoch_s"])
+        else:  # KTO computes reference log-probs inside its steps; the floor reads RPO's stored targets
+            m["end_to_end_tokens_per_s"] = m["tokens_per_s"] if name == "kto" else None
+    rpo, kto = methods["rpo"], methods.get("kto")
+    for name, m in methods.items():
+        m["ratio_to_rpo"] = m["tokens_per_s"] / rpo["tokens_per_s"]
+        m["end_to_end_ratio_to_rpo"] = (
+            m["end_to_end_tokens_per_s"] / rpo["end_to_end_tokens_per_s"] if m["end_to_end_tokens_per_s"] else None
+        )
+        rpo_vs_kto = kto is not None and name in RPO_VARIANTS
+        m["ratio_to_kto"] = m["tokens_per_s"] / kto["tokens_per_s"] if rpo_vs_kto else None
+        m["end_to_end_ratio_to_kto"] = (
+            m["end_to_end_tokens_per_s"] / kto["end_to_end_tokens_per_s"] if rpo_vs_kto else None
+        )
+    # The padded path as it was before this benchmark's options: random-order batches, target pass in row order.
+    before = epoch_tokens / (rpo["epoch_s"] + target_pass["padded_in_order"]["s_median"])
+    for name, m in methods.items():
+        e2e = m["end_to_end_tokens_per_s"]
+        m["end_to_end_ratio_to_padded_in_order"] = e2e / before if e2e and name in RPO_VARIANTS else None
+    best = max((name for name in methods if name in RPO_VARIANTS), key=lambda n: methods[n]["end_to_end_tokens_per_s"])
+    return {
+        "target": "best RPO option >= 1.3x the padded path's useful tokens/s (random-order batches, target pass in "
+        "row order), target pass included",
+        "padded_in_order_end_to_end_tokens_per_s": before,
+        "best_rpo_option": best,
+        "end_to_end_ratio_to_padded_in_order": methods[best]["end_to_end_ratio_to_padded_in_order"],
+        "end_to_end_ratio_to_rpo": methods[best]["end_to_end_ratio_to_rpo"],
+        "training_only_ratio_to_rpo": methods[best]["ratio_to_rpo"],
+        "met": methods[best]["end_to_end_ratio_to_padded_in_order"] >= 1.3,
+    }
+
+
+def scaled(spec: dict, scale: float) -> dict:
+    return {**dict(zip(("median", "low", "high"), length_bounds(spec, scale), strict=True)), "sigma": spec["sigma"]}
+
+
+def length_summary(lengths) -> dict:
+    import numpy as np
+
+    lengths = np.asarray(lengths)
+    quantiles = np.percentile(lengths, [50, 90, 99]).tolist()
+    return {"min": int(lengths.min()), "p50": quantiles[0], "p90": quantiles[1], "p99": quantiles[2],
+            "max": int(lengths.max()), "mean": float(lengths.mean())}  # fmt: skip
+
+
+def variable_workload(args, tokenizer) -> dict:
+    """Settings, per-method numbers, target pass and goal of `--workload variable`."""
+    import datasets
+
+    rows = make_variable_rows(args.prompts, args.completions, args.length_scale)
+    with tempfile.TemporaryDirectory() as work_dir:
+        datasets.config.HF_DATASETS_CACHE = os.path.join(work_dir, "hf")
+        methods, built, floor_model, epoch_tokens, batches = time_epochs(args, tokenizer, rows, work_dir)
+        target_pass = time_target_passes(built, args)
+        parameters = sum(p.numel() for p in floor_model.parameters())
+        del built, floor_model
+    memory = measure_memory(args) if args.memory else {}
+    for name in methods:
+        methods[name] |= memory.get(name, {})
+    goal = variable_ratios(methods, target_pass, epoch_tokens)
+    settings = {
+        **{k: getattr(args, k) for k in ("layers", "hidden", "vocab", "batch", "prompts", "completions", "epochs")},
+        **{k: getattr(args, k) for k in ("steps_per_turn", "threads", "lr", "quick", "length_scale")},
+        "parameters": parameters,
+        "rows": len(rows["prompt"]),
+        "max_length": args.seq,
+        "warmup_epochs": 1,
+        "batches_per_epoch": batches,
+        "useful_tokens_per_epoch": epoch_tokens,
+        "lengths": {
+            "shape": ASSUMED_SHAPE,
+            "seed": 0,
+            "prompt": {**scaled(PROMPT_LENGTHS, args.length_scale), "drawn": length_summary(rows["prompt_tokens"])},
+            "completion": {
+                **scaled(COMPLETION_LENGTHS, args.length_scale),
+                "eos_included": True,
+                "drawn": length_summary(rows["completion_tokens"]),
+            },
+            "row": length_summary(
+                [p + c for p, c in zip(rows["prompt_tokens"], rows["completion_tokens"], strict=True)]
+            ),
+        },
+        "orders": "floor, rpo, rpo_padding_free: reshuffled each epoch; *_grouped: LengthGroupedSampler; kto: "
+        "sequential (KTO's default, which its KL term requires) over the once-shuffled rows",
+        "dtype": "float32",
+        "gradient_checkpointing": False,
+    }
+    return {"workload": "variable", "settings": settings, "methods": methods, "target_pass": target_pass, "goal": goal}
+
+
+def print_variable_table(result: dict) -> None:
+    s, lengths = result["settings"], result["settings"]["lengths"]
+    prompt, completion = lengths["prompt"], lengths["completion"]
+    print(
+        f"\nVariable-length workload ({lengths['shape']}): prompt tokens ~ LogNormal(median {prompt['median']}, "
+        f"σ {prompt['sigma']}) clipped to [{prompt['low']}, {prompt['high']}], completion tokens (EOS included) ~ "
+        f"LogNormal(median {completion['median']}, σ {completion['sigma']}) clipped to [{completion['low']}, "
+        f"{completion['high']}]; seed {lengths['seed']}; {s['prompts']} prompts × {s['completions']} completions = "
+        f"{s['rows']} rows, row tokens {lengths['row']['min']}–{lengths['row']['max']} (mean "
+        f"{lengths['row']['mean']:.0f}); max_length {s['max_length']} (no truncation). {s['layers']}-layer, "
+        f"{s['hidden']}-wide Llama, vocab {s['vocab']}, {s['parameters']:,} parameters; batch {s['batch']}; fp32, "
+        f"{s['threads']} thread(s); 1 warm-up epoch, then {s['epochs']} timed epoch(s) = "
+        f"{s['epochs'] * s['useful_tokens_per_epoch']:,} useful tokens per method, in interleaved turns of "
+        f"{s['steps_per_turn']} steps\n"
+    )
+    print("| method | useful tokens/s | ratio to padded RPO | ratio to KTO | end-to-end tokens/s with target pass "
+          "| peak MB | padding share |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
+    fmt = lambda x, spec: "-" if x is None else format(x, spec)  # noqa: E731
+    for name, m in result["methods"].items():
+        e2e = fmt(m["end_to_end_tokens_per_s"], ",.0f")
+        if name in RPO_VARIANTS:
+            e2e += f" ({m['end_to_end_ratio_to_rpo']:.2f}× RPO, {fmt(m['end_to_end_ratio_to_kto'], '.2f')}× KTO)"
+        print(
+            f"| {VARIABLE_METHODS[name]} | {m['tokens_per_s']:,.0f} | {m['ratio_to_rpo']:.2f} | "
+            f"{fmt(m['ratio_to_kto'], '.2f')} | {e2e} | {fmt(m.get('peak_rss_mb'), ',.0f')} | "
+            f"{m['padding_share']:.1%} |"
+        )
+    tp, goal = result["target_pass"], result["goal"]
+    share = lambda key: f"padding share {tp[key]['padding_share']:.1%}"  # noqa: E731
+    print(
+        f"\nTarget pass over {tp['rows']} rows (batch {tp['batch']}): padded, rows in order "
+        f"{tp['padded_in_order']['s_median']:.3f} s ({share('padded_in_order')}); padded, longest first (the "
+        f"default) {tp['padded']['s_median']:.3f} s ({share('padded')}, {tp['speedup_longest_first']:.2f}× faster); "
+        f"padding-free {tp['padding_free']['s_median']:.3f} s ({tp['speedup_padding_free']:.2f}× faster). KTO has "
+        "no separate pass (it computes reference log-probs inside its steps): its end-to-end number is its training "
+        "number."
+    )
+    print(
+        f"Goal ({goal['target']}): the padded path as it was: {goal['padded_in_order_end_to_end_tokens_per_s']:,.0f} "
+        f"tokens/s end to end; best {goal['best_rpo_option']} at {goal['end_to_end_ratio_to_padded_in_order']:.2f}× "
+        f"that ({goal['end_to_end_ratio_to_rpo']:.2f}× padded RPO with the longest-first pass; "
+        f"{goal['training_only_ratio_to_rpo']:.2f}× in training alone): {'MET' if goal['met'] else 'NOT MET'}"
+    )
+
+
 # ----------------------------------------------------------------------------------------------- memory
 def memory_worker(args) -> dict:
-    """Run one method alone (warm-up + one turn) and report its peak RSS (`VmHWM`) and that minus the RSS after the
-    imports. Not `ru_maxrss`: Linux carries it over from the parent through fork + exec, so a child would report the
-    parent's peak (here, five models at once)."""
+    """Run one method alone (warm-up + one turn; for the variable workload one epoch, so every method meets the widest
+    batch) and report its peak RSS (`VmHWM`) and that minus the RSS after the imports. Not `ru_maxrss`: Linux
+    carries it over from the parent through fork + exec, so a child would report the parent's peak (here, five models
+    at once)."""
     import torch
     import trl  # noqa: F401
     from transformers import Trainer  # noqa: F401
@@ -445,14 +799,18 @@ def memory_worker(args) -> dict:
     args.methods = [name] if name == "floor" else ["floor", name]
     args.rounds, args.steps_per_turn = 1, args.steps_per_turn
     tokenizer = build_tokenizer()
-    rows = make_rows(tokenizer, args.prompts, args.seq)
+    if args.workload == "variable":
+        rows = make_variable_rows(args.prompts, args.completions, args.length_scale)
+        turns = [-(-len(rows["prompt"]) // args.batch)]
+    else:
+        rows = make_rows(tokenizer, args.prompts, args.seq)
+        turns = [args.warmup + args.steps_per_turn]
     with tempfile.TemporaryDirectory() as work_dir:
         import datasets
 
         datasets.config.HF_DATASETS_CACHE = os.path.join(work_dir, "hf")
         # Only the measured method builds a model: RPO's prepared rows need an RPOTrainer, so for the floor and the
         # others the RPO model is dropped right after its target pass, before anything is measured below.
-        turns = [args.warmup + args.steps_per_turn]
         baton = Baton([name])
         clock = Clock(name, baton, turns, args.threads)
         built = build_trainers(
@@ -489,6 +847,9 @@ def measure_memory(args) -> dict:
         for flag in ("layers", "hidden", "vocab", "batch", "seq", "prompts", "warmup", "threads"):
             cmd += [f"--{flag}", str(getattr(args, flag))]
         cmd += ["--steps-per-turn", str(args.steps_per_turn), "--lr", str(args.lr)]
+        if args.workload == "variable":
+            cmd += ["--workload", "variable", "--completions", str(args.completions)]
+            cmd += ["--length-scale", str(args.length_scale)]
         subprocess.run(cmd, check=True)
         with open(path) as f:
             out[name] = json.load(f)
@@ -558,12 +919,12 @@ def main(argv=None) -> dict:
         return result
 
     import datasets
-    import transformers
-    import trl
 
     from trl_rpo.testing import build_tokenizer
 
     tokenizer = build_tokenizer()
+    if args.workload == "variable":
+        return main_variable(args, tokenizer)
     rows = make_rows(tokenizer, args.prompts, args.seq)
     with tempfile.TemporaryDirectory() as work_dir:
         datasets.config.HF_DATASETS_CACHE = os.path.join(work_dir, "hf")  # no reference log-probs from a cache
@@ -587,6 +948,31 @@ def main(argv=None) -> dict:
     for name, r in ratios(times).items():
         methods[name] = {**times[name], **r, **memory.get(name, {})}
     result = {
+        **environment(),
+        "settings": settings,
+        "methods": methods,
+        "target_pass": target_pass,
+        "partition": partition,
+    }
+    print_table(result)
+    write_result(result, args, "throughput")
+    return result
+
+
+def main_variable(args, tokenizer) -> dict:
+    result = {**environment(), **variable_workload(args, tokenizer)}
+    print_variable_table(result)
+    write_result(result, args, "throughput_variable")
+    return result
+
+
+def environment() -> dict:
+    import datasets
+    import torch
+    import transformers
+    import trl
+
+    return {
         "date": str(date.today()),
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()},
         "versions": {
@@ -595,22 +981,20 @@ def main(argv=None) -> dict:
             "trl": trl.__version__,
             "datasets": datasets.__version__,
         },
-        "settings": settings,
-        "methods": methods,
-        "target_pass": target_pass,
-        "partition": partition,
     }
-    print_table(result)
-    output = args.output or os.path.join(
-        RESULTS_DIR, f"throughput_{'cuda' if torch.cuda.is_available() else 'cpu'}.json"
-    )
+
+
+def write_result(result: dict, args, stem: str) -> None:
+    """`--output`, else `results/<stem>_<cpu|cuda>.json`; a `--quick` run without `--output` writes to the temp dir."""
+    import torch
+
+    output = args.output or os.path.join(RESULTS_DIR, f"{stem}_{'cuda' if torch.cuda.is_available() else 'cpu'}.json")
     if args.quick and args.output is None:
-        output = os.path.join(tempfile.gettempdir(), "throughput_quick.json")
+        output = os.path.join(tempfile.gettempdir(), f"{stem}_quick.json")
     os.makedirs(os.path.dirname(output), exist_ok=True)
     with open(output, "w") as f:
         json.dump(result, f, indent=1)
     print(f"\nwrote {output}")
-    return result
 
 
 if __name__ == "__main__":

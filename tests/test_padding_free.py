@@ -166,3 +166,24 @@ def test_padding_free_refusals(model_dir, t5_dir, make_args, reward_dataset):
         RPOTrainer(prompt_tuned, args=make_args(padding_free=True), train_dataset=reward_dataset)
     with pytest.raises(ValueError, match="not supported by DROConfig"):
         make_args(DROConfig, padding_free=True)
+
+
+def test_target_pass_scores_longest_rows_first_and_puts_each_back(model_dir, make_args, monkeypatch):
+    """Padded target-pass batches take rows longest first (little padding); each value still lands on its own row:
+    equal to scoring the rows one at a time, in the dataset's order."""
+    dataset = Dataset.from_dict(mixed_length_rows())
+    widths = []
+    real = RPOTrainer._completion_logps
+
+    def spy(self, model, batch, with_entropy=False):
+        widths.append(batch["input_ids"].shape[1])
+        return real(self, model, batch, with_entropy)
+
+    monkeypatch.setattr(RPOTrainer, "_completion_logps", spy)
+    batched = _trainer(model_dir, make_args, dataset, False, per_device_train_batch_size=4)
+    assert widths == sorted(widths, reverse=True)  # longest batch first
+    assert len(set(widths)) > 2
+    one_by_one = _trainer(model_dir, make_args, dataset, False, per_device_train_batch_size=1)
+    torch.testing.assert_close(batched.train_dataset["ref_logps"], one_by_one.train_dataset["ref_logps"])
+    lengths = batched.train_dataset["length"]
+    assert lengths != sorted(lengths, reverse=True)  # the rows themselves keep their order

@@ -10,6 +10,7 @@ import contextlib
 import os
 
 import datasets
+import numpy as np
 import pyarrow as pa
 import torch
 from accelerate.logging import get_logger
@@ -129,26 +130,39 @@ class ReferencePassMixin:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One no-grad pass of `model` over `dataset`: each process scores a contiguous shard of the rows, in the same
         number of batches (sharded engines run collectives in every forward), and all shards are gathered on every
-        rank in row order."""
+        rank in row order. Padded batches take the shard's rows longest first (see `_scoring_order`)."""
         num_rows, world, rank = len(dataset), self.accelerator.num_processes, self.accelerator.process_index
         per_rank = -(-num_rows // world)
         start, stop = min(rank * per_rank, num_rows), min((rank + 1) * per_rank, num_rows)
-        rows = dataset.select_columns(["prompt_ids", "completion_ids"]).with_format("arrow")
+        order = self._scoring_order(dataset, start, stop)  # shard positions, in the order they are scored
+        rows = dataset.select_columns(["prompt_ids", "completion_ids"]).select(order + start).with_format("arrow")
         # Filled in place: a small tensor kept per batch would pin the heap between the batches' large freed blocks.
         local = torch.zeros(per_rank, 2, dtype=torch.float64)  # (summed log-probs, tokens); zeros past a short shard
         log = self.target_pass_log.setdefault(name, {"cache": "off", "rows_scored_here": 0})
-        batches = range(start, start + per_rank, batch_size)
         with self._reference_forward(model):
-            for first in tqdm(batches, desc=f"Computing reference log-probs for the {name} dataset"):
-                last = min(first + batch_size, stop)
-                table = rows[first:last] if last > first else rows[:1]  # an idle rank still joins the collectives
+            for first in tqdm(
+                range(0, per_rank, batch_size), desc=f"Computing reference log-probs for the {name} dataset"
+            ):
+                last = min(first + batch_size, stop - start)
+                table = rows[first:last] if last > first else _first_row(dataset)  # an idle rank joins the collectives
                 sum_logps, num_tokens, _, _ = self._completion_logps(model, self._collate_reference_batch(table))
-                scored = max(last - first, 0)
-                local[first - start : first - start + scored, 0] = sum_logps[:scored].detach().double().cpu()
-                local[first - start : first - start + scored, 1] = num_tokens[:scored].double().cpu()
-                log["rows_scored_here"] += scored
+                scored = torch.from_numpy(order[first:last]) if last > first else torch.zeros(0, dtype=torch.int64)
+                local[scored, 0] = sum_logps[: len(scored)].detach().double().cpu()
+                local[scored, 1] = num_tokens[: len(scored)].double().cpu()
+                log["rows_scored_here"] += len(scored)
         gathered = self.accelerator.gather(local.to(self.accelerator.device)).cpu()[:num_rows]
         return gathered[:, 0].contiguous(), gathered[:, 1].contiguous()
+
+    def _scoring_order(self, dataset: Dataset, start: int, stop: int) -> np.ndarray:
+        """Positions 0 … stop − start of a shard in the order the pass scores them. Padded batches take the rows
+        longest first, so each batch holds rows of similar length and little padding (the results are per row, so
+        the order changes nothing else; the longest batch comes first, so an out-of-memory error comes at once). A
+        padding-free batch has no padding to save, and on attention that is quadratic in the packed length (sdpa on
+        CPU) grouping the long rows would cost more: it keeps the shard's order."""
+        if getattr(self.data_collator, "padding_free", False) or stop <= start:
+            return np.arange(stop - start)
+        lengths = self._model_input_lengths(dataset.select(range(start, stop)))
+        return np.argsort(-lengths, kind="stable")
 
     def _collate_reference_batch(self, table: pa.Table) -> dict[str, torch.Tensor]:
         collator = self.data_collator
@@ -190,6 +204,10 @@ class ReferencePassMixin:
                 yield
             finally:
                 model.train(was_training)
+
+
+def _first_row(dataset: Dataset) -> pa.Table:
+    return dataset.select_columns(["prompt_ids", "completion_ids"]).with_format("arrow")[:1]
 
 
 def _cache_dir(dataset: Dataset) -> str:
