@@ -8,11 +8,17 @@ one GPU (their target pass runs on the sharded policy: same targets, same first 
 fast. Results are printed as a table and written to `<output_dir>/gpu_check.json`; `benchmarks/results/` keeps the
 ones recorded so far.
 
+Then, unless `--no-throughput`, the variable-length workload of `benchmarks/throughput.py` in bf16 on a ~0.5B
+Llama-shaped model (24 layers, 1024 wide, vocabulary 32,000; random weights): RPO padded, `group_by_length`,
+`padding_free` and both, against KTOTrainer and the plain floor, useful tokens/s and peak GPU memory, once with sdpa
+and once with flash-attention when `flash_attn` is installed. JSON: `<output_dir>/throughput_variable_*.json`.
+
     python benchmarks/gpu_check.py [--engines single_gpu,fsdp2,zero3] [--steps 40] [--batch 16]
-                                   [--output_dir data/gpu-check]
+                                   [--output_dir data/gpu-check] [--no-throughput]
 """
 
 import argparse
+import importlib.util
 import json
 import random
 import re
@@ -72,11 +78,25 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--words", type=int, default=150, help="completion length in words (~2 tokens each)")
     parser.add_argument("--allow_cpu", action="store_true", help="smoke-test the script itself without a GPU")
+    parser.add_argument("--no-throughput", dest="throughput", action="store_false", help="skip the variable workload")
+    parser.add_argument(
+        "--throughput-quick", action="store_true", help="the variable workload's --quick (a smoke test)"
+    )
     cli = parser.parse_args()
     out = Path(cli.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if not (torch.cuda.is_available() or cli.allow_cpu):
         sys.exit("This check needs a CUDA GPU (or --allow_cpu for a smoke test of the script).")
+    if cli.throughput:  # first: the variable-length numbers do not depend on the engines' check passing
+        for attention in attentions():
+            subprocess.run(throughput_command(out, attention, quick=cli.throughput_quick), cwd=ROOT, check=True)
+    engines = [engine for engine in cli.engines.split(",") if engine]
+    if engines:
+        check_engines(cli, out, engines)
+
+
+def check_engines(cli, out: Path, engines: list[str]) -> None:
+    """`trl-rpo` through each accelerate config: bf16 by default, a falling loss, the same first loss everywhere."""
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     default_bf16 = RPOConfig(str(out / "probe")).bf16
 
@@ -84,7 +104,7 @@ def main() -> None:
     write_rows(out / "rows.jsonl", prompts=cli.batch * cli.steps // 4 + 4, completions=4, words=cli.words)
     processes = max(1, torch.cuda.device_count())
     records = []
-    for engine in cli.engines.split(","):
+    for engine in engines:
         launch = ["--accelerate_config", engine, "--num_processes", str(1 if engine == "single_gpu" else processes)]
         command = [
             sys.executable, "-m", "trl_rpo", *launch, "--model_name_or_path", model_dir,
@@ -110,6 +130,22 @@ def main() -> None:
             sys.exit(
                 f"{r['engine']}: first loss {r['losses'][0]:.4f} differs from {records[0]['engine']}'s {first:.4f}"
             )
+
+
+def attentions() -> list[str]:
+    """sdpa, and flash-attention where its package is installed (the kernel padding-free batches are made for)."""
+    return ["sdpa"] + (["flash_attention_2"] if importlib.util.find_spec("flash_attn") else [])
+
+
+def throughput_command(out: Path, attention: str, quick: bool = False) -> list[str]:
+    """The variable-length workload on a ~0.5B Llama in bf16: ~470M parameters with a 32,000 vocabulary; lengths twice
+    the CPU defaults (prompts median 128 tokens up to 1,024, completions median 256 up to 1,536)."""
+    size = ["--quick"] if quick else ["--layers", "24", "--hidden", "1024", "--vocab", "32000", "--prompts", "64"]
+    return [
+        sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--workload", "variable", *size,
+        "--completions", "4", "--batch", "8", "--length-scale", "1" if quick else "2", "--bf16",
+        "--attention", attention, "--output", str(out / f"throughput_variable_{attention}.json"),
+    ]  # fmt: skip
 
 
 def run(command: list[str], engine: str, processes: str, card: str, default_bf16: bool, model_dir: str, cli) -> dict:

@@ -105,6 +105,8 @@ def parse_args(argv=None):
     p.add_argument("--output", default=None, help="JSON path (default: results/throughput_<cpu|cuda>.json)")
     p.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)  # internal: one method, peak RSS
     p.add_argument("--workload", choices=["fixed", "variable"], default="fixed", help="see the module docstring")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (the trainers' `bf16=True`); fp32 otherwise")
+    p.add_argument("--attention", default="sdpa", help="attn_implementation of every model (e.g. flash_attention_2)")
     p.add_argument("--completions", type=int, default=4, help="variable workload: completions per prompt")
     p.add_argument("--length-scale", type=float, default=1.0, help="variable workload: × length medians and bounds")
     p.add_argument("--epochs", type=int, default=1, help="variable workload: timed epochs (after one warm-up epoch)")
@@ -202,7 +204,13 @@ def build_model(tokenizer, args):
         bos_token_id=None,
         tie_word_embeddings=False,
     )
-    return AutoModelForCausalLM.from_config(config)
+    return AutoModelForCausalLM.from_config(config, attn_implementation=args.attention)
+
+
+def device():
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def common_args(args, out_dir: str, steps: int) -> dict:
@@ -217,8 +225,8 @@ def common_args(args, out_dir: str, steps: int) -> dict:
         "lr_scheduler_type": "constant",
         "max_grad_norm": 1.0,
         "gradient_checkpointing": False,
-        "bf16": False,
-        "use_cpu": True,
+        "bf16": args.bf16,
+        "use_cpu": device().type == "cpu",
         "report_to": "none",
         "disable_tqdm": True,
         "dataloader_num_workers": 0,
@@ -306,8 +314,9 @@ def completion_logps(model, batch):
     selected = hidden[:, :-1][predicts]  # (completion tokens, hidden)
     labels = batch["input_ids"][:, 1:][predicts]
     token_logps = torch.log_softmax(model.lm_head(selected).float(), dim=-1).gather(-1, labels[:, None]).squeeze(-1)
-    rows = torch.arange(predicts.size(0)).unsqueeze(1).expand_as(predicts)[predicts]
-    sums = torch.zeros(predicts.size(0), dtype=token_logps.dtype).index_add_(0, rows, token_logps)
+    rows = torch.arange(predicts.size(0), device=predicts.device).unsqueeze(1).expand_as(predicts)[predicts]
+    sums = torch.zeros(predicts.size(0), dtype=token_logps.dtype, device=predicts.device)
+    sums = sums.index_add_(0, rows, token_logps)
     return sums / predicts.sum(-1).clamp(min=1)
 
 
@@ -316,6 +325,7 @@ def run_floor(model, dataset, collator, args, steps, clock):
     import torch
     from torch.utils.data import DataLoader
 
+    model.to(device())
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     model.train()
     loader = DataLoader(dataset, batch_size=args.batch, shuffle=True, collate_fn=collator, num_workers=0)
@@ -324,7 +334,9 @@ def run_floor(model, dataset, collator, args, steps, clock):
     while done < steps:
         for batch in loader:
             clock.begin()
-            logps = completion_logps(model, batch)
+            batch = {key: value.to(device()) for key, value in batch.items()}
+            with torch.autocast(device().type, dtype=torch.bfloat16, enabled=args.bf16):
+                logps = completion_logps(model, batch)
             loss = 0.5 * (logps - (batch["ref_logps"] + batch["target"])).pow(2).mean()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -724,7 +736,9 @@ def variable_workload(args, tokenizer) -> dict:
         },
         "orders": "floor, rpo, rpo_padding_free: reshuffled each epoch; *_grouped: LengthGroupedSampler; kto: "
         "sequential (KTO's default, which its KL term requires) over the once-shuffled rows",
-        "dtype": "float32",
+        "dtype": "bfloat16 autocast" if args.bf16 else "float32",
+        "attention": args.attention,
+        "device": str(device()),
         "gradient_checkpointing": False,
     }
     return {"workload": "variable", "settings": settings, "methods": methods, "target_pass": target_pass, "goal": goal}
@@ -740,13 +754,14 @@ def print_variable_table(result: dict) -> None:
         f"{completion['high']}]; seed {lengths['seed']}; {s['prompts']} prompts × {s['completions']} completions = "
         f"{s['rows']} rows, row tokens {lengths['row']['min']}–{lengths['row']['max']} (mean "
         f"{lengths['row']['mean']:.0f}); max_length {s['max_length']} (no truncation). {s['layers']}-layer, "
-        f"{s['hidden']}-wide Llama, vocab {s['vocab']}, {s['parameters']:,} parameters; batch {s['batch']}; fp32, "
-        f"{s['threads']} thread(s); 1 warm-up epoch, then {s['epochs']} timed epoch(s) = "
+        f"{s['hidden']}-wide Llama, vocab {s['vocab']}, {s['parameters']:,} parameters; batch {s['batch']}; "
+        f"{s['dtype']}, {s['attention']} attention, {s['device']}, {s['threads']} thread(s); 1 warm-up epoch, then "
+        f"{s['epochs']} timed epoch(s) = "
         f"{s['epochs'] * s['useful_tokens_per_epoch']:,} useful tokens per method, in interleaved turns of "
         f"{s['steps_per_turn']} steps\n"
     )
     print("| method | useful tokens/s | ratio to padded RPO | ratio to KTO | end-to-end tokens/s with target pass "
-          "| peak MB | padding share |")  # fmt: skip
+          "| peak MB (GPU allocated, else RSS) | padding share |")  # fmt: skip
     print("|---|---|---|---|---|---|---|")
     fmt = lambda x, spec: "-" if x is None else format(x, spec)  # noqa: E731
     for name, m in result["methods"].items():
@@ -755,7 +770,7 @@ def print_variable_table(result: dict) -> None:
             e2e += f" ({m['end_to_end_ratio_to_rpo']:.2f}× RPO, {fmt(m['end_to_end_ratio_to_kto'], '.2f')}× KTO)"
         print(
             f"| {VARIABLE_METHODS[name]} | {m['tokens_per_s']:,.0f} | {m['ratio_to_rpo']:.2f} | "
-            f"{fmt(m['ratio_to_kto'], '.2f')} | {e2e} | {fmt(m.get('peak_rss_mb'), ',.0f')} | "
+            f"{fmt(m['ratio_to_kto'], '.2f')} | {e2e} | {fmt(m.get('peak_gpu_mb') or m.get('peak_rss_mb'), ',.0f')} | "
             f"{m['padding_share']:.1%} |"
         )
     tp, goal = result["target_pass"], result["goal"]
@@ -763,8 +778,8 @@ def print_variable_table(result: dict) -> None:
     print(
         f"\nTarget pass over {tp['rows']} rows (batch {tp['batch']}): padded, rows in order "
         f"{tp['padded_in_order']['s_median']:.3f} s ({share('padded_in_order')}); padded, longest first (the "
-        f"default) {tp['padded']['s_median']:.3f} s ({share('padded')}, {tp['speedup_longest_first']:.2f}× faster); "
-        f"padding-free {tp['padding_free']['s_median']:.3f} s ({tp['speedup_padding_free']:.2f}× faster). KTO has "
+        f"default) {tp['padded']['s_median']:.3f} s ({share('padded')}, speed-up {tp['speedup_longest_first']:.2f}×); "
+        f"padding-free {tp['padding_free']['s_median']:.3f} s (speed-up {tp['speedup_padding_free']:.2f}×). KTO has "
         "no separate pass (it computes reference log-probs inside its steps): its end-to-end number is its training "
         "number."
     )
@@ -832,6 +847,7 @@ def memory_worker(args) -> dict:
             built[name].train()
     peak = rss("VmHWM")
     return {
+        "peak_gpu_mb": torch.cuda.max_memory_allocated() / MB if torch.cuda.is_available() else None,
         "peak_rss_mb": peak / MB,
         "baseline_rss_mb": baseline / MB,
         "peak_minus_imports_mb": (peak - baseline) / MB,
@@ -846,7 +862,8 @@ def measure_memory(args) -> dict:
         cmd = [sys.executable, os.path.abspath(__file__), "--memory-worker", name, "--output", path]
         for flag in ("layers", "hidden", "vocab", "batch", "seq", "prompts", "warmup", "threads"):
             cmd += [f"--{flag}", str(getattr(args, flag))]
-        cmd += ["--steps-per-turn", str(args.steps_per_turn), "--lr", str(args.lr)]
+        cmd += ["--steps-per-turn", str(args.steps_per_turn), "--lr", str(args.lr), "--attention", args.attention]
+        cmd += ["--bf16"] if args.bf16 else []
         if args.workload == "variable":
             cmd += ["--workload", "variable", "--completions", str(args.completions)]
             cmd += ["--length-scale", str(args.length_scale)]

@@ -128,3 +128,34 @@ def test_throughput_variable_quick(tmp_path):
     )
     assert math.isclose(goal["end_to_end_ratio_to_padded_in_order"], methods[best]["end_to_end_tokens_per_s"] / before)
     assert goal["met"] == (goal["end_to_end_ratio_to_padded_in_order"] >= 1.3)
+
+
+GPU_CHECK = SCRIPT.parent / "gpu_check.py"
+
+
+def test_gpu_check_runs_the_variable_workload_in_bf16(tmp_path):
+    """`gpu_check.py` drives the variable workload in bf16 (here its smoke mode on CPU: no GPU needed), and its full
+    size is the ~0.5B-parameter Llama the GPU numbers are quoted for."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path / "hf")}
+    command = [sys.executable, str(GPU_CHECK), "--allow_cpu", "--engines", "", "--throughput-quick"]
+    subprocess.run([*command, "--output_dir", str(tmp_path)], check=True, env=env, cwd=tmp_path, timeout=600)
+    result = json.loads((tmp_path / "throughput_variable_sdpa.json").read_text())
+    assert result["settings"]["dtype"] == "bfloat16 autocast"
+    assert result["settings"]["attention"] == "sdpa"
+    assert set(result["methods"]) == {"floor", "kto"} | RPO_VARIANTS
+    assert all(m["tokens_per_s"] > 0 for m in result["methods"].values())
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("gpu_check", GPU_CHECK)
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    full = gpu_check.throughput_command(tmp_path, "flash_attention_2")
+    size = {flag: int(full[full.index(flag) + 1]) for flag in ("--layers", "--hidden", "--vocab")}
+    assert full[full.index("--attention") + 1] == "flash_attention_2"
+    throughput = _load_script()
+    args = throughput.parse_args(["--workload", "variable", *[str(x) for kv in size.items() for x in kv]])
+    with torch.device("meta"):  # the script's own model builder, without allocating the weights
+        model = throughput.build_model(build_tokenizer(), args)
+    assert model.config.model_type == "llama"
+    assert 0.4e9 < sum(p.numel() for p in model.parameters()) < 0.6e9
