@@ -55,7 +55,7 @@ POINTS = {
     **{f"rpo_sum_emp_t{t:g}": ("rpo", {"beta": t, "logps_aggregation": "sum", "partition_estimator": "empirical"})
        for t in (1.0, 0.5, 0.1)},
     **{f"rpo_sum_none_t{t:g}": ("rpo", {"beta": t, "logps_aggregation": "sum", "partition_estimator": "none"})
-       for t in (1.0, 0.5)},
+       for t in (1.0, 0.5, 0.25, 0.1)},
     # RPO given KTO's training time (a KTO step costs about 3 RPO steps here)
     "rpo_sum_mc_120steps_t0.5": ("rpo", {"beta": 0.5, "logps_aggregation": "sum", "partition_estimator": "monte_carlo",
                                          "max_steps": 120}),
@@ -328,14 +328,28 @@ def best_frontier(base_rewards: list[float], num: int = 81) -> list[tuple[float,
 
 
 def table(runs: list[dict]) -> str:
-    lines = ["| task | point | seed | held-out reward | KL(π‖π_ref) | setup s | train s |", "|---" * 7 + "|"]
-    for run in sorted(runs, key=lambda r: (r["task"], r["method"], r["kl"])):
-        setup = f"{run['setup_seconds']:.0f}" if "setup_seconds" in run else "—"
+    """One line per task and point: the mean over seeds (± half the range when there are several)."""
+    lines = ["| task | point | seeds | held-out reward | KL(π‖π_ref) | setup + train s |", "|---" * 6 + "|"]
+    points = {}
+    for run in runs:
+        points.setdefault((run["task"], run["point"]), []).append(run)
+    for (task, point), group in sorted(points.items(), key=lambda item: (item[0][0], _mean(item[1], "kl"))):
+        seconds = statistics.fmean(r.get("setup_seconds", 0.0) + r["train_seconds"] for r in group)
         lines.append(
-            f"| {run['task']} | {run['point']} | {run['seed']} | {run['reward']:+.3f} | {run['kl']:.2f} | {setup} | "
-            f"{run['train_seconds']:.0f} |"
+            f"| {task} | {point} | {len(group)} | {_spread(group, 'reward', '.3f')} | {_spread(group, 'kl', '.2f')} | "
+            f"{seconds:.0f}{'' if all('setup_seconds' in r for r in group) else ' (train only)'} |"
         )
     return "\n".join(lines)
+
+
+def _mean(group: list[dict], key: str) -> float:
+    return statistics.fmean(r[key] for r in group)
+
+
+def _spread(group: list[dict], key: str, spec: str) -> str:
+    values = [r[key] for r in group]
+    half_range = (max(values) - min(values)) / 2
+    return format(statistics.fmean(values), spec) + (f" ± {half_range:{spec}}" if len(values) > 1 else "")
 
 
 def plot(runs: list[dict], path: Path) -> None:
