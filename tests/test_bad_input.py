@@ -215,7 +215,7 @@ def test_empty_prompt_is_an_error_naming_the_row(model_dir, make_args):
 
 
 def test_group_by_length_batches_rows_of_similar_length(model_dir, make_args):
-    from transformers.trainer_pt_utils import LengthGroupedSampler
+    from trl_rpo.data import LengthGroupedSampler
 
     rows = reward_rows(num_prompts=4)
     for j in range(0, 12, 3):  # every prompt's first completion is long
@@ -228,7 +228,7 @@ def test_group_by_length_batches_rows_of_similar_length(model_dir, make_args):
     assert list(data["length"]) == expected
     sampler = trainer._get_train_sampler(trainer._remove_unused_columns(data))
     assert isinstance(sampler, LengthGroupedSampler)
-    assert list(sampler.lengths) == expected  # the sampler sorts by the tokens each row feeds the model
+    assert sampler.lengths.tolist() == expected  # the sampler sorts by the tokens each row feeds the model
     assert next(iter(sampler)) in {0, 3, 6, 9}  # and leads with a longest row
     trainer.train()
 
