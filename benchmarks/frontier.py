@@ -55,7 +55,7 @@ POINTS = {
     **{f"rpo_sum_emp_t{t:g}": ("rpo", {"beta": t, "logps_aggregation": "sum", "partition_estimator": "empirical"})
        for t in (1.0, 0.5, 0.1)},
     **{f"rpo_sum_none_t{t:g}": ("rpo", {"beta": t, "logps_aggregation": "sum", "partition_estimator": "none"})
-       for t in (1.0, 0.5, 0.25, 0.1)},
+       for t in (1.0, 0.5, 0.25, 0.1, 0.05)},
     # RPO given KTO's training time (a KTO step costs about 3 RPO steps here)
     "rpo_sum_mc_120steps_t0.5": ("rpo", {"beta": 0.5, "logps_aggregation": "sum", "partition_estimator": "monte_carlo",
                                          "max_steps": 120}),
@@ -359,17 +359,19 @@ def plot(runs: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     tasks = sorted({r["task"] for r in runs})
+    points = {}  # (task, point) -> (mean KL, mean reward) over seeds
+    for run in runs:
+        points.setdefault((run["task"], run["point"]), []).append(run)
+    points = {key: (_mean(group, "kl"), _mean(group, "reward")) for key, group in points.items()}
     fig, axes = plt.subplots(1, len(tasks), figsize=(7 * len(tasks), 5), squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=True):
-        for family in sorted({_family(r["point"]) for r in runs}):
-            group = sorted(
-                (r for r in runs if r["task"] == task and _family(r["point"]) == family), key=lambda r: r["kl"]
-            )
-            if group:
-                ax.plot([r["kl"] for r in group], [r["reward"] for r in group], marker="o", label=family)
-        base = [r for r in runs if r["task"] == task and "sample_rewards" in r]
-        if base:
-            curve = best_frontier(base[0]["sample_rewards"])
+        for family in sorted({_family(point) for _, point in points}):
+            curve = sorted(xy for (t, point), xy in points.items() if t == task and _family(point) == family)
+            if curve:
+                ax.plot(*zip(*curve, strict=True), marker="o", label=family)
+        base = [reward for r in runs if r["task"] == task for reward in r.get("sample_rewards", [])]
+        if base:  # every seed's samples of the starting model
+            curve = best_frontier(base)
             curve.append((max(r["kl"] for r in runs if r["task"] == task), curve[-1][1]))  # flat past the best sample
             ax.plot(*zip(*curve, strict=True), "k--", linewidth=1, label="best possible: π_ref·exp(r/τ)")
         ax.set(title=f"{task}: held-out reward vs KL(π‖π_ref)", xlabel="KL(π‖π_ref), nats", ylabel="held-out reward")
