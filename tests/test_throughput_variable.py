@@ -1,7 +1,6 @@
 """`benchmarks/throughput.py --workload variable`: the heavy-tailed row generator, and a `--quick` run whose JSON
 accounts for the same useful tokens in every method. No speed is asserted here: that is the benchmark's business."""
 
-import importlib.util
 import json
 import math
 import os
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tests.test_benchmarks import _load
 from trl_rpo.testing import build_tokenizer
 
 
@@ -20,10 +20,7 @@ PADDING_FREE = {"rpo_padding_free", "rpo_padding_free_grouped"}
 
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location("throughput", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _load(SCRIPT, "throughput")
 
 
 def test_variable_rows_are_heavy_tailed_clipped_and_exact_in_tokens():
@@ -147,9 +144,7 @@ def test_gpu_check_runs_the_variable_workload_in_bf16(tmp_path):
 
     import torch
 
-    spec = importlib.util.spec_from_file_location("gpu_check", GPU_CHECK)
-    gpu_check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_check)
+    gpu_check = _load(GPU_CHECK, "gpu_check")
     full = gpu_check.throughput_command(tmp_path, "flash_attention_2")
     size = {flag: int(full[full.index(flag) + 1]) for flag in ("--layers", "--hidden", "--vocab")}
     assert full[full.index("--attention") + 1] == "flash_attention_2"
