@@ -3,7 +3,8 @@ like the policy), one no-grad pass over a split shared out across ranks, the on-
 `ref_model` go.
 
 [`ReferencePassMixin`] is mixed into the trainers of `trl_rpo` (over `KTOTrainer`); it reads the trainer's
-`accelerator`, `model`, `ref_model`, `args`, `data_collator` and `_completion_logps`.
+`accelerator`, `model`, `ref_model`, `args`, `data_collator`, `_completion_logps` and
+`_model_input_lengths`.
 """
 
 import contextlib
