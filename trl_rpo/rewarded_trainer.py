@@ -104,8 +104,8 @@ class RewardedCompletionsTrainer(ReferencePassMixin, KTOTrainer):
         if processing_class is None:
             processing_class = _load_processing_class(model, args)
         self.is_encoder_decoder = _is_encoder_decoder(model, args)
-        if args.padding_free:
-            _refuse_padding_free_before_loading(self.is_encoder_decoder, data_collator)
+        if args.padding_free and data_collator is not None:  # the trainer's collator refuses encoder-decoders
+            _refuse_custom_collator_with_padding_free()
         if data_collator is None:
             tokenizer = getattr(processing_class, "tokenizer", processing_class)
             data_collator = DataCollatorForRewardedCompletions(
@@ -478,17 +478,11 @@ def _per_row(row_lengths: torch.Tensor, token_logps: torch.Tensor, mask: torch.T
 _PACKING_ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
 
 
-def _refuse_padding_free_before_loading(is_encoder_decoder: bool, data_collator) -> None:
-    if is_encoder_decoder:
-        raise ValueError(
-            "`padding_free=True` needs a causal model: an encoder-decoder reads the prompt and the completion as "
-            "two sequences, which cannot be laid end to end. Remove `padding_free`."
-        )
-    if data_collator is not None:
-        raise ValueError(
-            "`padding_free=True` sets up the trainer's own collator, but a `data_collator` was passed. Remove one of "
-            "them (or pack in your collator: see `trl_rpo.data.pack_rows`)."
-        )
+def _refuse_custom_collator_with_padding_free() -> None:
+    raise ValueError(
+        "`padding_free=True` sets up the trainer's own collator, but a `data_collator` was passed. Remove one of "
+        "them (or pack in your collator: see `trl_rpo.data.pack_rows`)."
+    )
 
 
 def _refuse_padding_free_for(model) -> None:
