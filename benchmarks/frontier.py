@@ -1,31 +1,47 @@
-"""Reward–KL frontier on a real model: for a given distance from the starting model, which trainer buys the most
-held-out reward, with which settings?
+"""Reward–KL frontier on a real model, under a fair protocol: for a given distance from the starting model, which
+trainer buys the most held-out reward, with which settings?
 
-Each point is one run: a LoRA adapter trained on SmolLM2-135M-Instruct (offline, CPU) on the demo's rows — the
-model's own sampled answers to one-digit additions — then measured on held-out prompts from samples of the trained
-policy (temperature 1, no top-k/top-p): the mean task reward, and KL(π‖π_ref) estimated as the mean over those
-samples of log π(y|x) − log π_ref(y|x) (summed over tokens; π_ref is the base model, the adapter disabled).
+Each run trains a LoRA adapter (r 16, all linear layers) on SmolLM2-135M-Instruct (offline, CPU) on the same 288
+training rows — the model's own answers to 48 one-digit additions, 6 per prompt, sampled by `trl-rpo generate` at
+temperature 1 with no top-k/top-p and up to 128 new tokens (`benchmarks/frontier_data/`, made by `--make-data`) —
+rescored by each task's reward. It is then measured on the 52 addition prompts that are not training prompts, 8
+samples each (416 samples, temperature 1, no truncation, 128 new tokens): the mean task reward with its standard
+error over prompts, and KL(π‖π_ref) estimated for every method the same way, as the mean over those samples of
+log π(y|x) − log π_ref(y|x) (summed over the sampled tokens and the EOS; π_ref is the base model, the adapter
+disabled).
 
-Tasks (same prompts and completions, two rewards):
+Tasks (same prompts and completions, three rewards):
 
 * `arithmetic`: the demo's reward (1 for the right number, partial credit when close);
-* `format`: a style reward, 1 when the answer ends with a period, else 0 (19 % of the shipped rows).
+* `format` (binary): 1 when the answer is one short sentence: it ends with a period and has at most 12 words;
+* `graded` (dense): ½ · arithmetic + ½ · brevity, brevity = max(0, 1 − words/30).
 
-Methods: the starting model (`base`, the frontier's origin), RPO over τ with summed or mean log-probs and the
-empirical or Monte-Carlo partition, KTO over β (labels: reward above the split's mean), DRO over τ, SFT on each
-prompt's best completion. Same LoRA, steps, batch and learning rate for all. Results are appended run by run to the
-JSON (a rerun skips finished runs), then tabulated and plotted.
+Methods are families swept over τ (RPO) or β (KTO), each at the learning rate picked for it on the format task
+(`LEARNING_RATES`, see docs/benchmarks.md); `--lrs` overrides it (the learning-rate grid). Same LoRA, batch (12 =
+two prompts' rows) and steps (40) for all. The analysis compares the curves at equal KL: each family's reward
+is interpolated along its τ/β sweep (the starting model is every curve's origin), averaged over seeds, and the
+difference to KTO's best family gets a paired bootstrap confidence interval (held-out prompts resampled once for
+all methods, seeds resampled per family). Results are appended run by run to the JSON (a rerun skips finished
+runs), then tabulated, compared and plotted.
 
-    python benchmarks/frontier.py                         # the sweep (hours on 2 CPU cores)
-    python benchmarks/frontier.py --tasks format --points rpo_sum_mc_t0.5,kto_b1
-    python benchmarks/frontier.py --quick                 # a tiny random model, seconds: what CI runs
+    python benchmarks/frontier.py --make-data            # the training rows (`trl-rpo generate`), minutes
+    python benchmarks/frontier.py --tasks format --seeds 1 --points kto_b0.3,rpo_mc_t0.25 --lrs 2.5e-4,5e-4,1e-3
+    python benchmarks/frontier.py --tasks format,arithmetic,graded --seeds 3   # the sweep: hours on 2 CPU cores
+    python benchmarks/frontier.py --report               # tables, comparisons, goals and plot from the JSON
+    python benchmarks/frontier.py --quick                # a tiny random model, seconds: what CI runs
 """
 
 import argparse
+import itertools
 import json
+import math
 import os
 import platform
+import random
+import re
+import shlex
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -43,50 +59,101 @@ from datasets import Dataset  # noqa: E402
 from task import reward as arithmetic_reward  # noqa: E402
 
 
-RESULTS = ROOT / "benchmarks" / "results" / "frontier_cpu.json"
-DATA = ROOT / "examples" / "smollm2_demo" / "data"
-# name: (method, options). RPO names read rpo_<aggregation>_<estimator>_t<τ>.
-POINTS = {
-    "base": ("base", {}),  # the starting model itself (a LoRA adapter that has not moved): KL 0
-    **{f"rpo_mean_emp_t{t:g}": ("rpo", {"beta": t, "logps_aggregation": "mean", "partition_estimator": "empirical"})
-       for t in (5.0, 1.0, 0.5)},
-    **{f"rpo_sum_mc_t{t:g}": ("rpo", {"beta": t, "logps_aggregation": "sum", "partition_estimator": "monte_carlo"})
-       for t in (2.0, 1.0, 0.5, 0.25, 0.1)},
-    **{f"rpo_sum_emp_t{t:g}": ("rpo", {"beta": t, "logps_aggregation": "sum", "partition_estimator": "empirical"})
-       for t in (1.0, 0.5, 0.1)},
-    **{f"rpo_sum_none_t{t:g}": ("rpo", {"beta": t, "logps_aggregation": "sum", "partition_estimator": "none"})
-       for t in (1.0, 0.5, 0.25, 0.1, 0.05)},
-    # RPO given KTO's training time (a KTO step costs about 3 RPO steps here)
-    "rpo_sum_mc_120steps_t0.5": ("rpo", {"beta": 0.5, "logps_aggregation": "sum", "partition_estimator": "monte_carlo",
-                                         "max_steps": 120}),
-    **{f"kto_b{b:g}": ("kto", {"beta": b}) for b in (3.0, 1.0, 0.1)},
-    **{f"dro_t{t:g}": ("dro", {"beta": t, "logps_aggregation": "sum"}) for t in (1.0, 0.5)},
-    "sft_best": ("sft", {}),
-}  # fmt: skip
+RESULTS = ROOT / "benchmarks" / "results" / "frontier_fair_cpu.json"
+DATA = ROOT / "benchmarks" / "frontier_data"
+DEMO_TRAIN = ROOT / "examples" / "smollm2_demo" / "data" / "train.jsonl"
+SYSTEM = "Answer in one short sentence."  # without it, a third of the model's answers run past 128 tokens
+TASKS = ("arithmetic", "format", "graded")
+FORMAT_MAX_WORDS = 12
+BREVITY_WORDS = 30
+SAMPLING = {"num_generations": 6, "temperature": 1.0, "max_new_tokens": 128, "seed": 0}
+KL_WINDOW = (1.0, 6.0)  # the goals' range of KL, nats
+
+SUM_MC = {"logps_aggregation": "sum", "partition_estimator": "monte_carlo"}
+GROUPED = {"train_sampling_strategy": "group_by_prompt"}
+# family: (method, options, the τ or β values it is swept over)
+FAMILIES = {
+    "base": ("base", {}, ()),  # the starting model (a LoRA adapter that has not moved): KL 0
+    "kto": ("kto", {}, (0.1, 0.3, 1.0)),  # labels: reward above the training mean; weights 1/1
+    "kto_rec": ("kto", {"desirable_weight": "recommended"}, (0.1, 0.3, 1.0)),  # TRL's recommended weights
+    "kto_time": ("kto", {"desirable_weight": "recommended", "max_steps": "one third"}, (0.1, 0.3, 1.0)),
+    "rpo_defaults": ("rpo", {}, (5.0,)),  # the authors' settings: mean log-probs, empirical partition, τ 5
+    "rpo_mc": ("rpo", SUM_MC, (1.0, 0.25, 0.1)),  # the Monte-Carlo partition (τ_Z = τ)
+    "rpo_mc_tzinf": ("rpo", SUM_MC | {"partition_temperature": math.inf}, (0.5, 0.25, 0.1, 0.05)),
+    "rpo_mc_tz1": ("rpo", SUM_MC | {"partition_temperature": 1.0}, (0.25, 0.1, 0.05)),
+    "rpo_mc_tzinf_eb": (
+        "rpo",
+        SUM_MC | {"partition_temperature": math.inf, "value_shrinkage": "empirical_bayes"},
+        (0.5, 0.25, 0.1, 0.05),
+    ),
+    "rpo_mc_lw0.1": ("rpo", SUM_MC | GROUPED | {"level_weight": 0.1}, (0.25, 0.1, 0.05)),
+    "rpo_mc_tzinf_lw0.1": (
+        "rpo",
+        SUM_MC | GROUPED | {"partition_temperature": math.inf, "level_weight": 0.1},
+        (0.25, 0.1, 0.05),
+    ),
+    "rpo_none": ("rpo", {"logps_aggregation": "sum", "partition_estimator": "none"}, (0.5, 0.25, 0.1, 0.05)),
+}
+# The learning rate of each family, picked on the format task, seed 0, from the grid 2.5e-4, 5e-4, 1e-3 (the most
+# held-out reward at KL ≤ 6 nats; docs/benchmarks.md). The level variants share their parent's.
+LEARNING_RATES = {"kto": 5e-4, "kto_rec": 5e-4, "rpo_defaults": 1e-3, "rpo_mc": 1e-3, "rpo_none": 5e-4}
+PARENT = {"kto_time": "kto_rec", "rpo_mc_tz1": "rpo_mc", "rpo_mc_lw0.1": "rpo_mc"}
+KTO_FAMILIES = ("kto", "kto_rec", "kto_time")
+PARTITIONED = ("rpo_mc", "rpo_mc_tzinf", "rpo_mc_tz1", "rpo_mc_tzinf_eb", "rpo_mc_lw0.1", "rpo_mc_tzinf_lw0.1")
+
+
+def point_name(family: str, value: float) -> str:
+    return f"{family}_{'b' if FAMILIES[family][0] == 'kto' else 't'}{value:g}"
+
+
+POINTS = {"base": ("base", ())} | {
+    point_name(family, value): (family, value) for family, (_, _, values) in FAMILIES.items() for value in values
+}
+
+
+def learning_rate(family: str) -> float:
+    family = PARENT.get(family, family)
+    if family in LEARNING_RATES:
+        return LEARNING_RATES[family]
+    return LEARNING_RATES["rpo_mc"] if family.startswith("rpo_mc") else 1e-3
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tasks", default="arithmetic,format")
-    p.add_argument("--points", default=",".join(POINTS), help=f"comma-separated, among {list(POINTS)}")
-    p.add_argument("--seeds", type=int, default=1)
+    p.add_argument("--tasks", default="format")
+    p.add_argument("--points", default="base", help=f"comma-separated, among {list(POINTS)}; or family names")
+    p.add_argument("--seeds", default="1", help="a count (seeds 0..n-1) or a comma-separated list")
+    p.add_argument("--lrs", default=None, help="learning rates to run (default: each family's LEARNING_RATES)")
     p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--eval-samples", type=int, default=2, help="samples per held-out prompt")
-    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--batch", type=int, default=12)
+    p.add_argument("--eval-samples", type=int, default=8, help="samples per held-out prompt")
+    p.add_argument("--max-new-tokens", type=int, default=SAMPLING["max_new_tokens"])
+    p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples of the equal-KL comparison")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--output", default=str(RESULTS))
+    p.add_argument("--make-data", action="store_true", help="sample the training rows with `trl-rpo generate`")
+    p.add_argument("--report", action="store_true", help="only tabulate, compare and plot the JSON")
     p.add_argument("--quick", action="store_true", help="a tiny random model and a few rows: a smoke run")
     p.add_argument("--no-plot", dest="plot", action="store_false")
     args = p.parse_args(argv)
-    args.tasks, args.points = args.tasks.split(","), args.points.split(",")
-    unknown = set(args.points) - set(POINTS)
-    if unknown:
-        p.error(f"unknown points {sorted(unknown)}")
+    args.tasks = args.tasks.split(",")
+    args.points = [q for name in args.points.split(",") for q in _expand(name, p)]
+    args.seeds = list(range(int(args.seeds))) if args.seeds.isdigit() else [int(s) for s in args.seeds.split(",")]
+    args.lrs = [float(x) for x in args.lrs.split(",")] if args.lrs else None
+    if set(args.tasks) - set(TASKS):
+        p.error(f"unknown tasks {sorted(set(args.tasks) - set(TASKS))}; choose among {TASKS}")
     if args.quick:
-        args.steps, args.batch, args.eval_samples, args.max_new_tokens = 2, 4, 1, 4
+        args.steps, args.batch, args.eval_samples, args.max_new_tokens, args.bootstrap = 2, 6, 2, 6, 50
     return args
+
+
+def _expand(name: str, parser) -> list[str]:
+    """A point name, or a family name standing for its whole sweep."""
+    if name in POINTS:
+        return [name]
+    if name in FAMILIES:
+        return [point for point, (family, _) in POINTS.items() if family == name]
+    parser.error(f"unknown point or family {name!r}; points: {list(POINTS)}")
 
 
 # ------------------------------------------------------------------------------------------------- the tasks
@@ -96,29 +163,59 @@ def completion_text(completion) -> str:
 
 def task_reward(task: str, completion, answer: int) -> float:
     text = completion_text(completion)
-    return arithmetic_reward(text, answer) if task == "arithmetic" else float(text.strip().endswith("."))
+    if task == "arithmetic":
+        return arithmetic_reward(text, answer)
+    brevity = max(0.0, 1.0 - len(text.split()) / BREVITY_WORDS)
+    if task == "graded":
+        return 0.5 * arithmetic_reward(text, answer) + 0.5 * brevity
+    return float(text.strip().endswith(".") and len(text.split()) <= FORMAT_MAX_WORDS)
+
+
+def prompt_messages(a: int, b: int) -> list[dict]:
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": f"What is {a} + {b}?"}]
+
+
+def train_problems() -> list[tuple[int, int]]:
+    """The demo's 48 training additions, in its order (their operands read back from its prompts)."""
+    problems = []
+    for line in DEMO_TRAIN.read_text().splitlines():
+        a, b = map(int, re.findall(r"\d+", json.loads(line)["prompt"][-1]["content"]))
+        if (a, b) not in problems:
+            problems.append((a, b))
+    return problems
+
+
+def held_out_problems() -> list[tuple[int, int]]:
+    """Every one-digit addition that is not a training prompt (52)."""
+    train = set(train_problems())
+    return [(a, b) for a in range(10) for b in range(10) if (a, b) not in train]
+
+
+def make_data(model: str) -> None:
+    """The training rows: `trl-rpo generate` on the training prompts, at the settings of `SAMPLING`."""
+    DATA.mkdir(parents=True, exist_ok=True)
+    prompts = [{"prompt": prompt_messages(a, b), "answer": a + b} for a, b in train_problems()]
+    (DATA / "prompts.jsonl").write_text("".join(json.dumps(row) + "\n" for row in prompts))
+    command = ["trl-rpo", "generate", "--model_name_or_path", model, "--dataset_name", str(DATA / "prompts.jsonl")]
+    command += ["--output_dir", str(DATA / "samples"), "--dtype", "float32", "--batch_size", "16"]
+    command += [f"--{key}={value}" for key, value in SAMPLING.items()]
+    print(shlex.join(command), flush=True)
+    subprocess.run(command, check=True)
 
 
 def load_rows(task: str, quick: bool) -> tuple[list[dict], list[dict]]:
     """The training rows (rescored for `task`) and the held-out prompts."""
-    read = lambda name: [json.loads(line) for line in (DATA / name).read_text().splitlines() if line.strip()]  # noqa: E731
-    train, held_out = read("train.jsonl"), read("eval.jsonl")
+    rows = [json.loads(line) for line in (DATA / "samples" / "completions.jsonl").read_text().splitlines()]
+    held_out = [{"prompt": prompt_messages(a, b), "answer": a + b} for a, b in held_out_problems()]
     if quick:
-        train, held_out = train[:12], held_out[:3]
-    for row in train:
+        rows, held_out = rows[:12], held_out[:3]
+    for row in rows:
         row["reward"] = task_reward(task, row["completion"], row["answer"])
-    return train, held_out
+    return rows, held_out
 
 
 def training_columns(method: str, rows: list[dict]) -> dict[str, list]:
-    """The columns each trainer reads, from the same rows."""
-    if method == "sft":
-        best = {}
-        for row in rows:
-            key = json.dumps(row["prompt"])
-            if key not in best or row["reward"] > best[key]["reward"]:
-                best[key] = row
-        return {"prompt": [r["prompt"] for r in best.values()], "completion": [r["completion"] for r in best.values()]}
+    """The columns each trainer reads, from the same rows (KTO: desirable = reward above the rows' mean)."""
     columns = {"prompt": [r["prompt"] for r in rows], "completion": [r["completion"] for r in rows]}
     if method == "kto":
         mean = statistics.fmean(r["reward"] for r in rows)
@@ -126,26 +223,20 @@ def training_columns(method: str, rows: list[dict]) -> dict[str, list]:
     return columns | {"reward": [r["reward"] for r in rows]}
 
 
+def recommended_desirable_weight(labels: list[bool]) -> float:
+    """The middle of TRL's KTOTrainer's recommended range: desirable_weight · #desirable / #undesirable in [1, 4/3]."""
+    desirable = sum(labels)
+    return round((len(labels) - desirable) / max(desirable, 1) * 7 / 6, 3)
+
+
 # ------------------------------------------------------------------------------------------------- one run
-def train(method: str, options: dict, model_path: str, rows: list[dict], args, seed: int, work: str):
+def train(family: str, value: float, model_path: str, rows: list[dict], args, seed: int, lr: float, work: str):
     from peft import LoraConfig
-    from trl import KTOConfig, KTOTrainer, SFTConfig, SFTTrainer
+    from trl import KTOConfig, KTOTrainer
 
-    from trl_rpo import DROConfig, DROTrainer, RPOConfig, RPOTrainer
+    from trl_rpo import RPOConfig, RPOTrainer
 
-    common = {
-        "output_dir": work, "max_steps": args.steps, "per_device_train_batch_size": args.batch,
-        "learning_rate": args.lr, "lr_scheduler_type": "constant_with_warmup",
-        "warmup_steps": min(5, args.steps // 10),
-        "logging_steps": 10, "save_strategy": "no", "report_to": "none", "seed": seed, "bf16": False,
-        "use_cpu": True, "disable_tqdm": True, "gradient_checkpointing": False,
-    }  # fmt: skip
-    classes = {
-        "rpo": (RPOConfig, RPOTrainer, {"cache_ref_log_probs": False}),
-        "dro": (DROConfig, DROTrainer, {"cache_ref_log_probs": False}),
-        "kto": (KTOConfig, KTOTrainer, {}),
-        "sft": (SFTConfig, SFTTrainer, {}),
-    }
+    method, options, _ = FAMILIES[family]
     lora = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
     if method == "base":
         from peft import get_peft_model
@@ -153,41 +244,124 @@ def train(method: str, options: dict, model_path: str, rows: list[dict], args, s
 
         model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_path), lora)
         base = SimpleNamespace(model=model, processing_class=AutoTokenizer.from_pretrained(model_path))
-        return base, {"setup_seconds": 0.0, "train_seconds": 0.0}
-    config_class, trainer_class, extra = classes[method]
-    config = config_class(**(common | extra | options))  # a point may set its own steps or learning rate
-    dataset = Dataset.from_dict(training_columns(method, rows))
+        return base, {"setup_seconds": 0.0, "train_seconds": 0.0, "steps": 0}
+    columns = training_columns(method, rows)
+    options = dict(options)
+    if options.get("desirable_weight") == "recommended":
+        options["desirable_weight"] = recommended_desirable_weight(columns["label"])
+    steps = args.steps // 3 if options.pop("max_steps", None) == "one third" else args.steps
+    common = {
+        "output_dir": work, "max_steps": steps, "per_device_train_batch_size": args.batch, "learning_rate": lr,
+        "lr_scheduler_type": "constant_with_warmup", "warmup_steps": min(4, steps // 10), "logging_steps": 10,
+        "save_strategy": "no", "report_to": "none", "seed": seed, "bf16": False, "use_cpu": True,
+        "disable_tqdm": True, "gradient_checkpointing": False, "beta": value,
+    }  # fmt: skip
+    if method == "rpo":
+        config, trainer_class = RPOConfig(**common, cache_ref_log_probs=False, **options), RPOTrainer
+    else:
+        config, trainer_class = KTOConfig(**common, **options), KTOTrainer
     start = time.perf_counter()  # from the raw rows: tokenization and RPO's target pass count
-    trainer = trainer_class(model_path, args=config, train_dataset=dataset, peft_config=lora)
+    trainer = trainer_class(model_path, args=config, train_dataset=Dataset.from_dict(columns), peft_config=lora)
     setup = time.perf_counter() - start
     trainer.train()
-    return trainer, {"setup_seconds": round(setup, 1), "train_seconds": round(time.perf_counter() - start - setup, 1)}
+    seconds = {"setup_seconds": round(setup, 1), "train_seconds": round(time.perf_counter() - start - setup, 1)}
+    return trainer, seconds | {"steps": steps, "options": _json_options(options)}
+
+
+def _json_options(options: dict) -> dict:
+    return {k: ("inf" if isinstance(v, float) and math.isinf(v) else v) for k, v in options.items()}
 
 
 @torch.no_grad()
-def measure(trainer, task: str, held_out: list[dict], args, seed: int) -> dict[str, float]:
-    """Held-out reward and KL(π‖π_ref) from samples of the trained policy (temperature 1, no truncation)."""
+def sample(model, prompts: list[list[int]], n: int, max_new_tokens: int, eos_ids: list[int], pad_id: int, seed: int):
+    """`n` samples of each prompt at temperature 1 with no truncation, all prompts in one left-padded batch from
+    which finished samples leave as they end (so the cost follows the samples' lengths, not the longest one).
+
+    Returns, per sample in prompt order: the new tokens (the EOS excluded), whether it ended with an EOS before
+    `max_new_tokens`, and its log-prob under `model` (summed over the new tokens and the EOS)."""
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    rows = [p for p in prompts for _ in range(n)]
+    width = max(map(len, rows))
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in rows], device=device)
+    pads = torch.tensor([width - len(p) for p in rows], device=device)
+    mask = (torch.arange(width, device=device)[None] >= pads[:, None]).long()
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    cache, logits, position = out.past_key_values, out.logits[:, -1], positions[:, -1] + 1
+    alive, eos = torch.arange(len(rows), device=device), torch.tensor(eos_ids, device=device)
+    tokens, finished, logps = [[] for _ in rows], [False] * len(rows), [0.0] * len(rows)
+    for step in range(max_new_tokens):
+        log_probs = torch.log_softmax(logits.float(), -1)
+        chosen = torch.multinomial(log_probs.exp(), 1, generator=generator).squeeze(-1)
+        chosen_logps = log_probs.gather(-1, chosen[:, None]).squeeze(-1).tolist()
+        ended = torch.isin(chosen, eos)
+        for row, token, logp, end in zip(alive.tolist(), chosen.tolist(), chosen_logps, ended.tolist(), strict=True):
+            logps[row] += logp
+            finished[row] = end
+            if not end:
+                tokens[row].append(token)
+        if step == max_new_tokens - 1 or ended.all():
+            break
+        if ended.any():  # finished samples leave the batch, and their cache rows with them
+            keep = (~ended).nonzero().squeeze(-1)
+            cache.batch_select_indices(keep)
+            alive, chosen, mask, position = alive[keep], chosen[keep], mask[keep], position[keep]
+        mask = torch.cat([mask, mask.new_ones(len(alive), 1)], -1)
+        out = model(
+            input_ids=chosen[:, None], attention_mask=mask, position_ids=position[:, None], past_key_values=cache,
+            use_cache=True,
+        )  # fmt: skip
+        logits, position = out.logits[:, -1], position + 1
+    return tokens, finished, logps
+
+
+@torch.no_grad()
+def sequence_logps(model, prompt: list[int], completions: list[list[int]], ends: list[bool], eos: int) -> list[float]:
+    """Summed log-prob under `model` of each completion of one prompt (its EOS included when it has one)."""
+    sequences = [prompt + c + ([eos] if end else []) for c, end in zip(completions, ends, strict=True)]
+    width = max(map(len, sequences))
+    ids = torch.tensor([s + [eos] * (width - len(s)) for s in sequences])
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences])
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, len(prompt) - 1 : -1].float()
+    token_logps = torch.log_softmax(logits, -1).gather(-1, ids[:, len(prompt) :, None]).squeeze(-1)
+    return (token_logps * mask[:, len(prompt) :]).sum(-1).tolist()
+
+
+def measure(trainer, task: str, held_out: list[dict], args, seed: int) -> dict:
+    """Held-out reward and KL(π‖π_ref) from `eval_samples` samples of the trained policy per held-out prompt: the
+    means, their standard errors over prompts, the per-prompt means (the bootstrap's input) and the share of samples
+    that reached `max_new_tokens`."""
     model, tokenizer = trainer.model, trainer.processing_class
     tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
     model.eval()
-    torch.manual_seed(seed)
+    prompts = [_prompt_ids(tokenizer, row["prompt"]) for row in held_out]
+    eos, n = tokenizer.eos_token_id, args.eval_samples
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    tokens, finished, policy = sample(model, prompts, n, args.max_new_tokens, [eos], pad, seed)
     rewards, kls = [], []
-    for row in held_out:
-        text = tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
-        prompt_ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
-        sequences = model.generate(
-            input_ids=prompt_ids.repeat(args.eval_samples, 1), attention_mask=torch.ones_like(prompt_ids).repeat(
-                args.eval_samples, 1), do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-            max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
-        )  # fmt: skip
-        completions = sequences[:, prompt_ids.shape[1] :]
-        policy = _sequence_logps(model, sequences, completions, tokenizer)
+    for i, (row, prompt) in enumerate(zip(held_out, prompts, strict=True)):
+        part = slice(i * n, (i + 1) * n)
         with model.disable_adapter():
-            reference = _sequence_logps(model, sequences, completions, tokenizer)
-        kls += (policy - reference).tolist()
-        for ids in completions:
-            rewards.append(task_reward(task, tokenizer.decode(ids, skip_special_tokens=True), row["answer"]))
-    return {"reward": statistics.fmean(rewards), "kl": statistics.fmean(kls), "sample_rewards": rewards}
+            reference = sequence_logps(model, prompt, tokens[part], finished[part], eos)
+        kls.append(statistics.fmean(p - r for p, r in zip(policy[part], reference, strict=True)))
+        texts = tokenizer.batch_decode(tokens[part], skip_special_tokens=True)
+        rewards.append([task_reward(task, text, row["answer"]) for text in texts])
+    prompt_rewards = [statistics.fmean(r) for r in rewards]
+    return {
+        "reward": statistics.fmean(prompt_rewards), "reward_se": _se(prompt_rewards),
+        "kl": statistics.fmean(kls), "kl_se": _se(kls), "truncated": 1 - statistics.fmean(finished),
+        "prompt_rewards": prompt_rewards, "prompt_kls": kls, "sample_rewards": [x for r in rewards for x in r],
+    }  # fmt: skip
+
+
+def _se(values: list[float]) -> float:
+    return statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else math.nan
+
+
+def _prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 @torch.no_grad()
@@ -195,27 +369,38 @@ def training_fit(trainer, rows: list[dict]) -> dict[str, float]:
     """How training moved the summed log π/π_ref of its own rows, for those above and below the rows' mean reward
     (what KTO labels desirable and undesirable); for RPO also the targets it regressed onto and how well it fits them,
     in its aggregation's units (R² over the rows)."""
-    model = trainer.model
+    model, eos = trainer.model, _eos(trainer)
     model.eval()
-    ratios, lengths = [], []
-    for prompt_ids, completion_ids in _training_ids(trainer, rows):
-        sequence = torch.tensor([prompt_ids + completion_ids])
-        policy = _completion_logps(model, sequence, len(completion_ids))
+    pairs = _training_ids(trainer, rows)
+    by_prompt: dict[tuple, list[int]] = {}  # a prompt's rows share one forward
+    for i, (prompt, _) in enumerate(pairs):
+        by_prompt.setdefault(tuple(prompt), []).append(i)
+    ratios = [0.0] * len(pairs)
+    for prompt, members in by_prompt.items():
+        completions, ends = [pairs[i][1] for i in members], [False] * len(members)
+        policy = sequence_logps(model, list(prompt), completions, ends, eos)
         with model.disable_adapter():
-            reference = _completion_logps(model, sequence, len(completion_ids))
-        ratios.append((policy - reference).item())
-        lengths.append(len(completion_ids))
+            reference = sequence_logps(model, list(prompt), completions, ends, eos)
+        for i, p, r in zip(members, policy, reference, strict=True):
+            ratios[i] = p - r
+    lengths = [len(c) for _, c in pairs]
     mean_reward = statistics.fmean(r["reward"] for r in rows)
-    above = [x for x, r in zip(ratios, rows, strict=True) if r["reward"] > mean_reward]
-    below = [x for x, r in zip(ratios, rows, strict=True) if r["reward"] <= mean_reward]
-    fit = {"log_ratio_above_mean": statistics.fmean(above), "log_ratio_below_mean": statistics.fmean(below)}
+    above = [r["reward"] > mean_reward for r in rows]
+    fit = {
+        "log_ratio_above_mean": statistics.fmean(x for x, a in zip(ratios, above, strict=True) if a),
+        "log_ratio_below_mean": statistics.fmean(x for x, a in zip(ratios, above, strict=True) if not a),
+    }
     if "target" in getattr(getattr(trainer, "train_dataset", None), "column_names", ()):
-        fit |= _target_fit(trainer, ratios, lengths, [r["reward"] > mean_reward for r in rows])
+        fit |= _target_fit(trainer, ratios, lengths, above)
     return fit
 
 
+def _eos(trainer) -> int:
+    return getattr(trainer.processing_class, "tokenizer", trainer.processing_class).eos_token_id
+
+
 def _training_ids(trainer, rows: list[dict]) -> list[tuple[list[int], list[int]]]:
-    """Token ids of each training row: the trainer's own where it keeps them (RPO, DRO), else the chat template's."""
+    """Token ids of each training row: the trainer's own where it keeps them (RPO), else the chat template's."""
     dataset = getattr(trainer, "train_dataset", None)
     if {"source_row", "completion_ids"} <= set(getattr(dataset, "column_names", ())):
         columns = (dataset["source_row"], dataset["prompt_ids"], dataset["completion_ids"])
@@ -233,12 +418,6 @@ def _training_ids(trainer, rows: list[dict]) -> list[tuple[list[int], list[int]]
     return pairs
 
 
-def _completion_logps(model, sequence: torch.Tensor, completion_length: int) -> torch.Tensor:
-    logits = model(input_ids=sequence).logits[:, -completion_length - 1 : -1].float()
-    token_logps = torch.log_softmax(logits, -1).gather(-1, sequence[:, -completion_length:, None])
-    return token_logps.sum()
-
-
 def _target_fit(trainer, ratios: list[float], lengths: list[int], above: list[bool]) -> dict[str, float]:
     dataset, per_token = trainer.train_dataset, trainer.args.logps_aggregation == "mean"
     fitted = [ratio / length if per_token else ratio for ratio, length in zip(ratios, lengths, strict=True)]
@@ -252,15 +431,6 @@ def _target_fit(trainer, ratios: list[float], lengths: list[int], above: list[bo
         "target_below_mean": statistics.fmean(targets[i] for i in rows if not above[i]),
         "target_r2": 1 - residual / spread if spread else float("nan"),
     }
-
-
-def _sequence_logps(model, sequences, completions, tokenizer) -> torch.Tensor:
-    """Summed log-prob of each sampled completion (up to and including its first EOS)."""
-    logits = model(input_ids=sequences).logits[:, -completions.shape[1] - 1 : -1].float()
-    token_logps = torch.log_softmax(logits, -1).gather(-1, completions[..., None]).squeeze(-1)
-    eos = completions == tokenizer.eos_token_id
-    after_eos = (eos.cumsum(-1) - eos.long()) > 0  # tokens generated after the sequence ended are padding
-    return (token_logps * ~after_eos).sum(-1)
 
 
 # ------------------------------------------------------------------------------------------------- the sweep
@@ -282,38 +452,56 @@ def model_path(quick: bool) -> str:
 def run_sweep(args) -> dict:
     output = Path(args.output)
     saved = json.loads(output.read_text()) if output.is_file() else {"runs": []}
-    done = {(r["task"], r["point"], r["seed"]) for r in saved["runs"]}
+    done = {(r["task"], r["point"], r["seed"], r["lr"]) for r in saved["runs"]}
     path = model_path(args.quick)
     for task in args.tasks:
         rows, held_out = load_rows(task, args.quick)
-        for seed in range(args.seeds):
+        for seed in args.seeds:
             for point in args.points:
-                if (task, point, seed) in done:
-                    continue
-                method, options = POINTS[point]
-                with tempfile.TemporaryDirectory() as work:  # the trainer's output_dir: nothing kept
-                    trainer, seconds = train(method, options, path, rows, args, seed, work)
-                run = {"task": task, "point": point, "method": method, "options": options, "seed": seed, **seconds,
-                       **measure(trainer, task, held_out, args, seed), "fit": training_fit(trainer, rows)}  # fmt: skip
-                if method != "base":  # the starting model's rewards draw the best possible frontier; others' are noise
-                    del run["sample_rewards"]
-                saved["runs"].append(run)
-                print(f"{task:>10} {point:>18} seed {seed}: reward {run['reward']:+.3f} KL {run['kl']:6.2f} "
-                      f"({run['setup_seconds'] + run['train_seconds']:.0f} s)", flush=True)  # fmt: skip
-                saved |= {
-                    "date": date.today().isoformat(),
-                    "machine": platform.platform(),
-                    "settings": _settings(args),
-                }
-                output.parent.mkdir(parents=True, exist_ok=True)
-                output.write_text(json.dumps(saved, indent=1) + "\n")  # after every run: resumable
+                family = POINTS[point][0]
+                for lr in [0.0] if family == "base" else args.lrs or [learning_rate(family)]:
+                    if (task, point, seed, lr) in done:
+                        continue
+                    run = one_run(task, point, seed, lr, path, rows, held_out, args)
+                    saved["runs"].append(run)
+                    _print_run(run)
+                    saved |= {
+                        "date": date.today().isoformat(),
+                        "machine": platform.platform(),
+                        "settings": _settings(args),
+                    }
+                    output.parent.mkdir(parents=True, exist_ok=True)
+                    output.write_text(json.dumps(saved, indent=None) + "\n")  # after every run: resumable
     return saved
 
 
+def one_run(task, point, seed, lr, path, rows, held_out, args) -> dict:
+    family, value = POINTS[point]
+    random.seed(seed)
+    with tempfile.TemporaryDirectory() as work:  # the trainer's output_dir: nothing kept
+        trainer, seconds = train(family, value, path, rows, args, seed, lr, work)
+    start = time.perf_counter()
+    measured = measure(trainer, task, held_out, args, seed)
+    measured["measure_seconds"] = round(time.perf_counter() - start, 1)
+    run = {"task": task, "point": point, "family": family, "value": value, "seed": seed, "lr": lr, "date":
+           date.today().isoformat(), **seconds, **measured, "fit": training_fit(trainer, rows)}  # fmt: skip
+    if family != "base":  # the starting model's samples draw the best possible frontier; others' are kept per prompt
+        del run["sample_rewards"]
+    return run
+
+
+def _print_run(run: dict) -> None:
+    seconds = f"{run['setup_seconds'] + run['train_seconds']:.0f} + {run['measure_seconds']:.0f} s"
+    print(f"{run['task']:>10} {run['point']:>22} seed {run['seed']} lr {run['lr']:g}: reward {run['reward']:.3f} ± "
+          f"{run['reward_se']:.3f} KL {run['kl']:6.2f} ({seconds})", flush=True)  # fmt: skip
+
+
 def _settings(args) -> dict:
-    return {k: v for k, v in vars(args).items() if k not in ("output", "plot", "points", "tasks")}
+    keep = ("steps", "batch", "eval_samples", "max_new_tokens", "quick")
+    return {k: getattr(args, k) for k in keep} | {"training_rows": SAMPLING, "system_prompt": SYSTEM}
 
 
+# ------------------------------------------------------------------------------------------------- analysis
 def best_frontier(base_rewards: list[float], num: int = 81) -> list[tuple[float, float]]:
     """(KL, reward) of π_ref·exp(r/τ)/Z for τ from 100 down to 0.01: the policy that maximises E_π[r] − τ·KL(π‖π_ref),
     hence the most reward any policy can reach at its KL: the frontier's upper bound. π_ref's rewards are read from
@@ -327,29 +515,179 @@ def best_frontier(base_rewards: list[float], num: int = 81) -> list[tuple[float,
     return curve
 
 
-def table(runs: list[dict]) -> str:
-    """One line per task and point: the mean over seeds (± half the range when there are several)."""
-    lines = ["| task | point | seeds | held-out reward | KL(π‖π_ref) | setup + train s |", "|---" * 6 + "|"]
-    points = {}
+def bound_at(curve: list[tuple[float, float]], kl: float) -> float:
+    """The bound's reward at `kl` (flat past its last point; the starting model's reward at KL ≤ 0)."""
+    kls, rewards = zip(*curve, strict=True)
+    return _interpolate(list(kls), list(rewards), max(kl, min(kls)), extrapolate_right=True)
+
+
+def _interpolate(xs: list[float], ys: list[float], x: float, extrapolate_right: bool = False) -> float:
+    """Linear interpolation along the points sorted by x; NaN outside their range (or flat past the last point)."""
+    points = sorted(zip(xs, ys, strict=True))
+    if x > points[-1][0]:
+        return points[-1][1] if extrapolate_right else math.nan
+    if x < points[0][0]:
+        return math.nan
+    for (x0, y0), (x1, y1) in itertools.pairwise(points):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return points[-1][1]
+
+
+def family_curves(runs: list[dict], task: str) -> dict[str, dict[int, list[dict]]]:
+    """Per family (at its learning rate), per seed: its sweep's runs plus the starting model of that seed."""
+    base = {r["seed"]: r for r in runs if r["task"] == task and r["family"] == "base"}
+    curves: dict[str, dict[int, list[dict]]] = {}
+    for r in runs:
+        if r["task"] != task or r["family"] == "base" or r["lr"] != learning_rate(r["family"]):
+            continue
+        if r["seed"] in base:
+            curves.setdefault(r["family"], {}).setdefault(r["seed"], [base[r["seed"]]]).append(r)
+    return curves
+
+
+def curve_at(seeds: dict[int, list[dict]], grid: list[float], prompts=None, seed_pick=None) -> list[float]:
+    """The family's reward at each KL of `grid`: per seed, interpolated along its sweep (rewards and KLs averaged
+    over `prompts`, all by default), then averaged over the seeds (`seed_pick`, all by default)."""
+    per_seed = []
+    for seed in seed_pick if seed_pick is not None else sorted(seeds):
+        points = seeds[seed]
+        kls = [_mean_over(p["prompt_kls"], prompts) for p in points]
+        rewards = [_mean_over(p["prompt_rewards"], prompts) for p in points]
+        per_seed.append([_interpolate(kls, rewards, x) for x in grid])
+    return [statistics.fmean(values) for values in zip(*per_seed, strict=True)]  # NaN where a seed lacks the KL
+
+
+def _mean_over(values: list[float], indices) -> float:
+    return statistics.fmean(values) if indices is None else statistics.fmean(values[i] for i in indices)
+
+
+def compare(runs: list[dict], task: str, family: str, grid: list[float], resamples: int, seed: int = 0) -> dict:
+    """`family` minus KTO's best family at each KL of `grid`: the estimate and a 95 % paired bootstrap interval
+    (held-out prompts resampled, the same draw for every method; seeds resampled per family)."""
+    curves = family_curves(runs, task)
+    kto = [f for f in KTO_FAMILIES if f in curves]
+    if family not in curves or not kto:
+        return {}
+
+    def difference(prompts=None, rng=None) -> list[float]:
+        pick = lambda seeds: None if rng is None else [rng.choice(sorted(seeds)) for _ in seeds]  # noqa: E731
+        ours = curve_at(curves[family], grid, prompts, pick(curves[family]))
+        best = [max((v for v in values if not math.isnan(v)), default=math.nan) for values in zip(
+            *(curve_at(curves[f], grid, prompts, pick(curves[f])) for f in kto), strict=True)]  # fmt: skip
+        return [a - b for a, b in zip(ours, best, strict=True)]
+
+    num_prompts = len(next(iter(curves[family].values()))[0]["prompt_rewards"])
+    rng = random.Random(seed)
+    draws = [difference([rng.randrange(num_prompts) for _ in range(num_prompts)], rng) for _ in range(resamples)]
+    low, high = [], []
+    for values in zip(*draws, strict=True):
+        finite = sorted(v for v in values if not math.isnan(v))
+        enough = len(finite) >= 0.9 * len(values)
+        low.append(finite[int(0.025 * len(finite))] if enough else math.nan)
+        high.append(finite[int(0.975 * len(finite)) - 1] if enough else math.nan)
+    return {"kl": grid, "difference": difference(), "ci_low": low, "ci_high": high, "kto_families": kto}
+
+
+def summary_rows(runs: list[dict]) -> list[dict]:
+    """One row per task, point and learning rate: means over seeds and the seed-to-seed spread."""
+    groups: dict[tuple, list[dict]] = {}
     for run in runs:
-        points.setdefault((run["task"], run["point"]), []).append(run)
-    for (task, point), group in sorted(points.items(), key=lambda item: (item[0][0], _mean(item[1], "kl"))):
-        seconds = statistics.fmean(r.get("setup_seconds", 0.0) + r["train_seconds"] for r in group)
+        groups.setdefault((run["task"], run["point"], run["lr"]), []).append(run)
+    rows = []
+    for (task, point, lr), group in groups.items():
+        mean = lambda key, group=group: statistics.fmean(r[key] for r in group)  # noqa: E731
+        rows.append({
+            "task": task, "point": point, "family": group[0]["family"], "lr": lr, "seeds": len(group),
+            "reward": mean("reward"), "reward_se": math.sqrt(sum(r["reward_se"] ** 2 for r in group)) / len(group),
+            "reward_seed_sd": statistics.stdev([r["reward"] for r in group]) if len(group) > 1 else math.nan,
+            "kl": mean("kl"), "seconds": mean("setup_seconds") + mean("train_seconds"), "truncated": mean("truncated"),
+        })  # fmt: skip
+    return sorted(rows, key=lambda r: (r["task"], r["kl"]))
+
+
+def table(runs: list[dict]) -> str:
+    lines = [
+        "| task | point | lr | seeds | held-out reward ± SE (seed sd) | KL(π‖π_ref) | setup + train s | cut |",
+        "|---" * 8 + "|",
+    ]
+    for r in summary_rows(runs):
+        sd = "" if math.isnan(r["reward_seed_sd"]) else f" ({r['reward_seed_sd']:.3f})"
         lines.append(
-            f"| {task} | {point} | {len(group)} | {_spread(group, 'reward', '.3f')} | {_spread(group, 'kl', '.2f')} | "
-            f"{seconds:.0f}{'' if all('setup_seconds' in r for r in group) else ' (train only)'} |"
+            f"| {r['task']} | {r['point']} | {r['lr']:g} | {r['seeds']} | {r['reward']:.3f} ± {r['reward_se']:.3f}{sd}"
+            f" | {r['kl']:.2f} | {r['seconds']:.0f} | {r['truncated']:.0%} |"
         )
     return "\n".join(lines)
 
 
-def _mean(group: list[dict], key: str) -> float:
-    return statistics.fmean(r[key] for r in group)
+def learning_rate_table(runs: list[dict]) -> str:
+    """The learning-rate grid: per family and learning rate, the most reward at KL ≤ 6 nats and where."""
+    lines = ["| task | family | lr | runs | best reward at KL ≤ 6 (point, KL) |", "|---" * 5 + "|"]
+    groups: dict[tuple, list[dict]] = {}
+    for run in runs:
+        if run["family"] != "base":
+            groups.setdefault((run["task"], run["family"], run["lr"]), []).append(run)
+    for (task, family, lr), group in sorted(groups.items()):
+        inside = [r for r in group if r["kl"] <= KL_WINDOW[1]]
+        best = max(inside, key=lambda r: r["reward"], default=None)
+        text = "none" if best is None else f"{best['reward']:.3f} ({best['point']}, {best['kl']:.2f})"
+        chosen = " ←" if lr == learning_rate(family) else ""
+        lines.append(f"| {task} | {family} | {lr:g}{chosen} | {len(group)} | {text} |")
+    return "\n".join(lines)
 
 
-def _spread(group: list[dict], key: str, spec: str) -> str:
-    values = [r[key] for r in group]
-    half_range = (max(values) - min(values)) / 2
-    return format(statistics.fmean(values), spec) + (f" ± {half_range:{spec}}" if len(values) > 1 else "")
+def goals(runs: list[dict], resamples: int) -> dict:
+    """Issue #18's goals per task, each met or not, with the numbers that decide it."""
+    grid = [1.0 + 0.5 * i for i in range(11)]  # 1 … 6 nats
+    report = {}
+    for task in sorted({r["task"] for r in runs}):
+        curves = family_curves(runs, task)
+        base = [x for r in runs if r["task"] == task and r["family"] == "base" for x in r["sample_rewards"]]
+        comparisons = {f: compare(runs, task, f, grid, resamples) for f in PARTITIONED if f in curves}
+        comparisons = {f: c for f, c in comparisons.items() if c}
+        entry = {"comparisons": comparisons}
+        for family, c in comparisons.items():
+            lows = [x for x in c["ci_low"] if not math.isnan(x)]
+            covered = [k for k, x in zip(c["kl"], c["ci_low"], strict=True) if not math.isnan(x)]
+            entry.setdefault("equal_kl", {})[family] = {
+                "met": bool(lows) and min(lows) > -0.05 and covered == grid,
+                "worst_ci_low": min(lows, default=math.nan),
+                "kl_covered": [min(covered), max(covered)] if covered else [],
+            }
+        entry["time"] = _time_goal(runs, task, curves)
+        if base:
+            entry["bound"] = _bound_goal(curves, base)
+        if task == "format":
+            entry["format_0.75"] = {
+                f: max((r["reward"] for r in summary_rows(runs) if r["task"] == task and r["family"] == f
+                        and r["kl"] <= 5.6 and r["lr"] == learning_rate(f)), default=math.nan)
+                for f in curves if f in PARTITIONED
+            }  # fmt: skip
+        report[task] = entry
+    return report
+
+
+def _time_goal(runs: list[dict], task: str, curves: dict) -> dict:
+    """Mean setup + training seconds per run of each family, as a share of the KTO families'."""
+    seconds = {f: statistics.fmean(r["setup_seconds"] + r["train_seconds"] for s in seeds.values() for r in s[1:])
+               for f, seeds in curves.items()}  # fmt: skip
+    kto = [seconds[f] for f in ("kto", "kto_rec") if f in seconds]
+    if not kto:
+        return {}
+    return {f: round(s / statistics.fmean(kto), 3) for f, s in seconds.items()}
+
+
+def _bound_goal(curves: dict, base_rewards: list[float]) -> dict:
+    """At the KL of KTO's best point: the bound, and each family's reward there."""
+    bound = best_frontier(base_rewards)
+    kto_points = [(statistics.fmean(r["reward"] for r in rs), statistics.fmean(r["kl"] for r in rs))
+                  for f in KTO_FAMILIES if f in curves for rs in zip(*curves[f].values(), strict=False)]  # fmt: skip
+    if not kto_points:
+        return {}
+    _, kl = max(kto_points)
+    return {"kto_best_kl": kl, "bound": bound_at(bound, kl)} | {
+        f: curve_at(seeds, [kl])[0] for f, seeds in curves.items()
+    }
 
 
 def plot(runs: list[dict], path: Path) -> None:
@@ -359,32 +697,40 @@ def plot(runs: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     tasks = sorted({r["task"] for r in runs})
-    points = {}  # (task, point) -> (mean KL, mean reward) over seeds
-    for run in runs:
-        points.setdefault((run["task"], run["point"]), []).append(run)
-    points = {key: (_mean(group, "kl"), _mean(group, "reward")) for key, group in points.items()}
-    fig, axes = plt.subplots(1, len(tasks), figsize=(7 * len(tasks), 5), squeeze=False)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(7 * len(tasks), 5.5), squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=True):
-        for family in sorted({_family(point) for _, point in points}):
-            curve = sorted(xy for (t, point), xy in points.items() if t == task and _family(point) == family)
-            if curve:
-                ax.plot(*zip(*curve, strict=True), marker="o", label=family)
-        base = [reward for r in runs if r["task"] == task for reward in r.get("sample_rewards", [])]
-        if base:  # every seed's samples of the starting model
-            curve = best_frontier(base)
-            curve.append((max(r["kl"] for r in runs if r["task"] == task), curve[-1][1]))  # flat past the best sample
+        rows = [r for r in summary_rows(runs) if r["task"] == task and (r["family"] == "base" or
+                r["lr"] == learning_rate(r["family"]))]  # fmt: skip
+        base = [r for r in rows if r["family"] == "base"]
+        for family in sorted({r["family"] for r in rows} - {"base"}):
+            curve = sorted(
+                (r["kl"], r["reward"], r["reward_se"]) for r in base + [r for r in rows if r["family"] == family]
+            )
+            kls, rewards, ses = zip(*curve, strict=True)
+            style = "-" if family in PARTITIONED else "--" if family in KTO_FAMILIES else ":"
+            ax.errorbar(kls, rewards, yerr=ses, marker="o", markersize=4, linestyle=style, capsize=2, label=family)
+        samples = [x for r in runs if r["task"] == task and r["family"] == "base" for x in r["sample_rewards"]]
+        if samples:
+            curve = best_frontier(samples)
+            curve.append((max(r["kl"] for r in rows), curve[-1][1]))
             ax.plot(*zip(*curve, strict=True), "k--", linewidth=1, label="best possible: π_ref·exp(r/τ)")
         ax.set(title=f"{task}: held-out reward vs KL(π‖π_ref)", xlabel="KL(π‖π_ref), nats", ylabel="held-out reward")
         ax.set_xscale("symlog", linthresh=0.5)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
 
-def _family(point: str) -> str:
-    """The sweep a point belongs to: the name without its τ/β."""
-    return point.rsplit("_", 1)[0] if point[-1].isdigit() else point
+def report(saved: dict, args) -> dict:
+    runs = saved["runs"]
+    print(table(runs))
+    print("\nLearning-rate grid (← the rate used):\n" + learning_rate_table(runs))
+    result = goals(runs, args.bootstrap)
+    print("\n" + json.dumps(result, indent=1, default=str))
+    if args.plot and runs:
+        plot(runs, Path(args.output).with_suffix(".png"))
+    return result
 
 
 def main(argv=None) -> dict:
@@ -394,10 +740,11 @@ def main(argv=None) -> dict:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    saved = run_sweep(args)
-    print(table(saved["runs"]))
-    if args.plot:
-        plot(saved["runs"], Path(args.output).with_suffix(".png"))
+    if args.make_data:
+        make_data(model_path(args.quick))
+        return {}
+    saved = json.loads(Path(args.output).read_text()) if args.report else run_sweep(args)
+    saved["goals"] = report(saved, args)
     return saved
 
 

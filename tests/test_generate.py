@@ -50,7 +50,7 @@ def _prompts_seen(calls, tokenizer) -> list[str]:
 def test_n_samples_per_prompt_carry_the_prompt_columns(model_dir, tmp_path):
     out = tmp_path / "out"
     rows = generate_completions(Dataset.from_dict(PROMPTS), model=model_dir, output_dir=out, num_generations=3, **FAST)
-    assert rows.column_names == ["prompt", "answer", "meta", "completion", "prompt_index", "sample_index"]
+    assert rows.column_names == ["prompt", "answer", "meta", "completion", "prompt_index", "sample_index", "finished"]
     assert [(r["prompt_index"], r["sample_index"]) for r in rows] == [(p, s) for p in range(3) for s in range(3)]
     for row in rows:
         for column in ("prompt", "answer", "meta"):
@@ -59,6 +59,27 @@ def test_n_samples_per_prompt_carry_the_prompt_columns(model_dir, tmp_path):
     assert len(set(rows["completion"])) > 3  # sampled, not one greedy answer per prompt
     written = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
     assert written == rows.to_list()
+
+
+def test_finished_says_which_samples_ended_before_the_token_limit(model_dir, tmp_path, generate_calls):
+    """`finished` is True exactly for the samples whose generated tokens hold an end-of-sequence token."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    # A random tiny model rarely samples its one EOS token: every even token id ends a sequence here (a list of EOS
+    # ids, as many chat models declare), so that both kinds of sample occur.
+    eos_ids = list(range(0, model.config.vocab_size, 2))
+    model.generation_config.eos_token_id = eos_ids
+    model.save_pretrained(tmp_path / "model")
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(tmp_path / "model")
+    prompts = Dataset.from_dict({"prompt": [f"{i} + {i} =" for i in range(8)]})
+    rows = generate_completions(
+        prompts, model=str(tmp_path / "model"), output_dir=tmp_path / "out", num_generations=4, max_new_tokens=3,
+        batch_size=8,
+    )  # fmt: skip
+    ((inputs, output),) = generate_calls
+    new_tokens = output[:, inputs.shape[1] :]
+    expected = torch.isin(new_tokens, torch.tensor(eos_ids)).any(-1).tolist()
+    assert rows["finished"] == expected
+    assert 0 < sum(expected) < len(expected)  # both kinds occur, so a constant column would fail
 
 
 def test_settings_are_recorded(model_dir, tmp_path):

@@ -8,7 +8,8 @@ a trained model: generate → [`~trl_rpo.score_completions`] (`trl-rpo score`) �
   resumes where it stopped (a prompt whose samples are all in a shard is not generated again);
 - `generation_config.json`: the sampling settings, recorded when the run starts; a resumed run must use the same;
 - `completions.jsonl`: every row, ordered by prompt then sample, written at the end: each prompt row's columns plus
-  `completion`, `prompt_index` and `sample_index`. `RPOTrainer` reads it once a `reward` column is added.
+  `completion`, `prompt_index`, `sample_index` and `finished` (False when the sample reached `max_new_tokens` before
+  an end-of-sequence token). `RPOTrainer` reads it once a `reward` column is added.
 
 RPO's Monte-Carlo partition estimator (`partition_estimator="monte_carlo"`) assumes the completions of a prompt are
 samples of the reference policy π_ref, i.e. of the model generating them, at temperature 1 and with no top-p/top-k
@@ -56,7 +57,7 @@ SHARDS_FOLDER = "shards"
 # Columns that belong to one completion (or to a trainer's work on it), never to a prompt: not carried over when the
 # prompts come from a dataset in one of the trainer's formats.
 COMPLETION_COLUMNS = frozenset(
-    {"completion", "reward", "label", "prompt_index", "sample_index", *GROUPED_COLUMNS, *PAIRED_COLUMNS}
+    {"completion", "reward", "label", "prompt_index", "sample_index", "finished", *GROUPED_COLUMNS, *PAIRED_COLUMNS}
     | {*SCORE_COLUMNS, *DERIVED_COLUMNS, *RPOTrainer._loss_columns, *DROTrainer._loss_columns}
 )
 # What a resumed run must share with the run that wrote the output folder.
@@ -189,7 +190,8 @@ def generate_completions(
 
     Returns:
         [`~datasets.Dataset`]: the rows of `completions.jsonl`: the prompt row's columns, `completion` (a string, or
-        `[{"role": "assistant", "content": ...}]` for conversational prompts), `prompt_index` and `sample_index`.
+        `[{"role": "assistant", "content": ...}]` for conversational prompts), `prompt_index`, `sample_index` and
+        `finished` (whether the sample ended with an end-of-sequence token rather than at `max_new_tokens`).
 
     Example:
 
@@ -199,7 +201,7 @@ def generate_completions(
     >>> prompts = Dataset.from_dict({"prompt": ["2 + 2 =", "3 + 5 ="], "answer": ["4", "8"]})
     >>> samples = generate_completions(prompts, model="Qwen/Qwen2.5-0.5B", output_dir="samples", max_new_tokens=8)
     >>> samples.column_names
-    ['prompt', 'answer', 'completion', 'prompt_index', 'sample_index']
+    ['prompt', 'answer', 'completion', 'prompt_index', 'sample_index', 'finished']
     ```
     """
     settings = SamplingSettings(
@@ -468,7 +470,9 @@ def _generate_share(
             sequences = sample([_prompt_ids(tokenizer, row) for row in rows], _batch_seed(settings.seed, indices[0]))
             truncated += sum(not finished for _, finished in sequences)
             texts = tokenizer.batch_decode([ids for ids, _ in sequences], skip_special_tokens=True)
-            shard.write("".join(_output_lines(rows, indices, texts, settings.num_generations, conversational)))
+            finished = [done for _, done in sequences]
+            lines = _output_lines(rows, indices, texts, finished, settings.num_generations, conversational)
+            shard.write("".join(lines))
             shard.flush()  # what is written survives an interruption: a resumed run skips these prompts
             progress.update(len(indices))
     if truncated:
@@ -495,13 +499,16 @@ def _batch_seed(seed: int, first_prompt: int) -> int:
     return int.from_bytes(digest, "little")
 
 
-def _output_lines(rows: list[dict], indices: list[int], texts: list[str], n: int, conversational: bool) -> list[str]:
+def _output_lines(
+    rows: list[dict], indices: list[int], texts: list[str], finished: list[bool], n: int, conversational: bool
+) -> list[str]:
     lines = []
     for position, (row, prompt_index) in enumerate(zip(rows, indices, strict=True)):
         for sample_index in range(n):
-            text = texts[position * n + sample_index]
+            text, done = texts[position * n + sample_index], finished[position * n + sample_index]
             completion = [{"role": "assistant", "content": text}] if conversational else text
             out = {**row, "completion": completion, "prompt_index": prompt_index, "sample_index": sample_index}
+            out["finished"] = done
             lines.append(json.dumps(out, ensure_ascii=False) + "\n")
     return lines
 

@@ -18,6 +18,20 @@ The loss regresses the policy log-ratio on that target, ``V`` and ``l`` being co
 
     delta_j = (p_j - l_j) - t_j,        L = 0.5 * mean_j delta_j ** 2
 
+Every target splits into a *contrast* ``(r_j - rbar_x) / tau``, the same for every estimator, and a *level*
+``(rbar_x - V(x)) / tau`` that the partition estimate sets. Three options control the level without leaving RPO's
+framing (each defaults to the plain objective above):
+
+* a partition temperature ``tau_Z`` (``"monte_carlo"`` only): ``V(x) = tau_Z (logsumexp_j (r_j / tau_Z) - log n_x)``
+  and ``t_j = (r_j - V(x)) / tau``; ``tau_Z = tau`` is the plain target, ``tau_Z = inf`` gives ``V(x) = rbar_x``;
+* empirical-Bayes shrinkage (``"monte_carlo"`` only): ``V(x) <- w_x V(x) + (1 - w_x) V_g`` with the credibility
+  weight ``w_x = n_x / (n_x + k)``, ``k`` the ratio of the within-prompt to the between-prompt reward variance
+  (Buhlmann-Straub), so that a prompt whose few samples say little borrows the pooled value;
+* a level weight ``lambda`` in the loss, over the rows of each prompt in a batch of ``B`` rows:
+  ``L = 0.5 / B * sum_x [sum_j (delta_j - dbar_x) ** 2 + lambda n_x dbar_x ** 2]``; ``lambda = 1`` is the plain
+  loss, and for any ``lambda > 0`` the minimum is still ``delta = 0``, so the optimum is RPO's wherever the
+  targets are reachable.
+
 A prompt with fewer than ``min_completions_per_prompt`` completions cannot be normalised (with one completion the
 empirical target is ``-l_j``: it asks ``pi_theta(y_j|x) = 1``). Its rows use the global baseline
 ``V_g = tau (logsumexp_{i <= N} (r_i / tau) - log N)``, are dropped, or raise (``sparse_prompt_strategy``).
@@ -41,6 +55,7 @@ from torch import Tensor
 
 
 ESTIMATORS = ("empirical", "monte_carlo", "none")
+VALUE_SHRINKAGES = ("none", "empirical_bayes")
 REWARD_NORMALIZATIONS = ("global", "none", "per_prompt")
 SPARSE_PROMPT_STRATEGIES = ("global_baseline", "drop", "error")
 LOGPS_AGGREGATIONS = ("mean", "sum")
@@ -63,6 +78,7 @@ class RPOTargets(NamedTuple):
     sparse: Tensor
     keep: Tensor
     global_value: float
+    credibility_k: float = math.nan  # k of w_x = n_x / (n_x + k) when the values were shrunk, else NaN
 
 
 class RPOLossOutput(NamedTuple):
@@ -189,10 +205,44 @@ def _empirical(
     return log_z, r_d[d], torch.bincount(group_of_d, minlength=num_groups)
 
 
-def _monte_carlo(r: Tensor, g: Tensor, num_groups: int, tau: float) -> tuple[Tensor, Tensor, Tensor]:
+def _monte_carlo(r: Tensor, g: Tensor, num_groups: int, tau: float, tau_z: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``V(x) / tau`` with ``V(x) = tau_Z (logsumexp_j (r_j / tau_Z) - log n_x)``: ``log Z(x)`` when ``tau_Z = tau``,
+    the group's mean reward over ``tau`` when ``tau_Z = inf``."""
     counts = torch.bincount(g, minlength=num_groups)
-    log_z = segment_logsumexp(r / tau, g, num_groups) - counts.to(torch.float64).log()
-    return log_z, r, counts
+    return _pooled_value(r, g, num_groups, counts, tau_z) / tau, r, counts
+
+
+def _pooled_value(r: Tensor, g: Tensor, num_groups: int, counts: Tensor, tau_z: float) -> Tensor:
+    """Per group, ``tau_Z (logsumexp(r / tau_Z) - log n)``, its ``tau_Z -> inf`` limit being the mean."""
+    if math.isinf(tau_z):
+        return _segment_mean(r, g, num_groups)
+    return tau_z * (segment_logsumexp(r / tau_z, g, num_groups) - counts.to(torch.float64).log())
+
+
+def credibility(rewards: Tensor, group_ids: Tensor) -> float:
+    r"""Buhlmann-Straub ``k`` of the credibility weight ``w_x = n_x / (n_x + k)`` of each group's mean reward.
+
+    ``k = s_w^2 / a`` with ``s_w^2`` the pooled within-group variance (unbiased, groups of 2+ rows) and ``a`` the
+    unbiased between-group variance of the group means, floored at 0. ``inf`` (no between-group signal: every
+    group gets the pooled value), ``0`` when rewards do not vary inside any group (each group keeps its own),
+    ``nan`` when neither variance can be estimated (one group, or single-row groups only).
+    """
+    r = rewards.detach().to(torch.float64)
+    _, g = torch.unique(group_ids.to(r.device), return_inverse=True)
+    num_groups = int(g.max()) + 1 if g.numel() else 0
+    counts = torch.bincount(g, minlength=num_groups).to(torch.float64)
+    means = _segment_mean(r, g, num_groups)
+    within_dof = float((counts - 1).clamp(min=0).sum())
+    total = float(counts.sum())
+    between_dof = total - float((counts**2).sum()) / total if total else 0.0
+    if num_groups < 2 or within_dof == 0 or between_dof == 0:
+        return math.nan
+    within = float(torch.zeros_like(means).index_add_(0, g, (r - means[g]) ** 2).sum()) / within_dof
+    grand = float((counts * means).sum()) / total
+    between = (float((counts * (means - grand) ** 2).sum()) - (num_groups - 1) * within) / between_dof
+    if between <= 0:
+        return math.inf
+    return within / between
 
 
 def _no_partition(r: Tensor, g: Tensor, num_groups: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -236,6 +286,9 @@ def rpo_targets(
     min_completions_per_prompt: int = 2,
     sparse_prompt_strategy: str = "global_baseline",
     global_value: float | None = None,
+    partition_temperature: float | None = None,
+    value_shrinkage: str = "none",
+    credibility_k: float | None = None,
 ) -> RPOTargets:
     r"""Per-row RPO regression targets ``t_j = (r_j - V(x)) / tau`` (float64, no gradient).
 
@@ -244,11 +297,18 @@ def rpo_targets(
     (``"monte_carlo"``) are sparse: ``"global_baseline"`` uses ``V_g`` (``global_value`` if given, e.g. the train
     split's), ``"drop"`` gives them a NaN target and ``keep=False``, ``"error"`` raises. ``"none"`` sets
     ``V = 0`` (targets ``r_j / tau``) and has no sparse prompts.
+
+    With ``"monte_carlo"``, ``partition_temperature`` (``tau_Z``, default ``tau``; ``inf`` allowed) sets the
+    temperature of ``V(x)`` and of ``V_g``, and ``value_shrinkage="empirical_bayes"`` shrinks each ``V(x)`` toward
+    ``V_g`` with the weight ``n_x / (n_x + k)``, ``k`` from [`credibility`] (``credibility_k`` if given, e.g. the
+    train split's; ``k = nan``, no estimate, keeps every ``V(x)``).
     """
     tau = _check_beta(beta)
     _validate_inputs(ref_logps, rewards, group_ids, completion_ids)
     _check_choice("estimator", estimator, ESTIMATORS)
     _check_choice("sparse_prompt_strategy", sparse_prompt_strategy, SPARSE_PROMPT_STRATEGIES)
+    _check_choice("value_shrinkage", value_shrinkage, VALUE_SHRINKAGES)
+    tau_z = _check_level_options(estimator, tau, partition_temperature, value_shrinkage)
     if isinstance(min_completions_per_prompt, bool) or not isinstance(min_completions_per_prompt, int):
         raise TypeError(f"min_completions_per_prompt must be an int, got {min_completions_per_prompt!r}.")
     if global_value is not None and not math.isfinite(global_value):
@@ -259,11 +319,15 @@ def rpo_targets(
     if estimator == "empirical":
         log_z, r_row, counts = _empirical(ref, r, g, num_groups, completion_ids, tau)
     elif estimator == "monte_carlo":
-        log_z, r_row, counts = _monte_carlo(r, g, num_groups, tau)
+        log_z, r_row, counts = _monte_carlo(r, g, num_groups, tau, tau_z)
     else:
         log_z, r_row, counts = _no_partition(r, g, num_groups)
     if global_value is None:
-        global_value = _global_value(r, tau)
+        global_value = _global_value(r, tau_z)
+    k = math.nan
+    if value_shrinkage == "empirical_bayes":
+        k = credibility(r, g) if credibility_k is None else float(credibility_k)
+        log_z = _shrink(log_z, counts, k, global_value / tau)
     sparse = (counts < min_completions_per_prompt)[g]
     if sparse.any() and sparse_prompt_strategy == "error":
         _raise_sparse(sparse, g, min_completions_per_prompt, estimator)
@@ -273,13 +337,42 @@ def rpo_targets(
     keep = ~sparse if sparse_prompt_strategy == "drop" else torch.ones_like(sparse)
     values = tau * log_value
     targets, values = targets.masked_fill(~keep, math.nan), values.masked_fill(~keep, math.nan)
-    return RPOTargets(targets, values, sparse, keep, float(global_value))
+    return RPOTargets(targets, values, sparse, keep, float(global_value), k)
+
+
+def _check_level_options(estimator: str, tau: float, partition_temperature, value_shrinkage: str) -> float:
+    """The partition temperature ``tau_Z`` to use (``tau`` unless given); refuses options the estimator lacks."""
+    if partition_temperature is None and value_shrinkage == "none":
+        return tau
+    if estimator != "monte_carlo":
+        raise ValueError(
+            "partition_temperature and value_shrinkage apply to the Monte-Carlo partition "
+            f"(estimator='monte_carlo'), got estimator={estimator!r}: the empirical estimate's level includes "
+            "log sum pi_ref(y), which has no pooled counterpart, and 'none' has no partition."
+        )
+    if partition_temperature is None:
+        return tau
+    tau_z = float(partition_temperature)
+    if isinstance(partition_temperature, bool) or math.isnan(tau_z) or tau_z <= 0:
+        raise ValueError(f"partition_temperature must be > 0 (inf allowed), got {partition_temperature!r}.")
+    return tau_z
+
+
+def _shrink(log_value: Tensor, counts: Tensor, k: float, global_log_value: float) -> Tensor:
+    """``w V(x) + (1 - w) V_g`` per group (in units of ``1 / tau``), ``w = n / (n + k)``; NaN ``k`` keeps ``V(x)``."""
+    if math.isnan(k):
+        return log_value
+    weights = torch.ones_like(log_value) if k == 0 else counts.to(torch.float64) / (counts + k)
+    return weights * log_value + (1 - weights) * global_log_value
 
 
 def _global_value(r: Tensor, tau: float) -> float:
-    """``V_g = tau (logsumexp_i (r_i / tau) - log N)`` over every row: the Monte-Carlo value of one pooled prompt."""
+    """``V_g = tau (logsumexp_i (r_i / tau) - log N)`` over every row: the Monte-Carlo value of one pooled prompt
+    (the mean reward when ``tau = inf``)."""
     if r.numel() == 0:
         return math.nan
+    if math.isinf(tau):
+        return float(r.mean())
     return tau * (float(torch.logsumexp(r / tau, dim=0)) - math.log(r.numel()))
 
 
@@ -294,24 +387,65 @@ def _raise_sparse(sparse: Tensor, g: Tensor, min_completions: int, estimator: st
     )
 
 
-def rpo_loss(policy_logps: Tensor, ref_logps: Tensor, targets: Tensor) -> RPOLossOutput:
+def rpo_loss(
+    policy_logps: Tensor,
+    ref_logps: Tensor,
+    targets: Tensor,
+    group_ids: Tensor | None = None,
+    *,
+    level_weight: float = 1.0,
+) -> RPOLossOutput:
     r"""Per-example ``0.5 * ((p - l) - t) ** 2`` in the dtype of ``policy_logps``; only ``p`` gets a gradient.
 
+    With ``level_weight`` ``lambda != 1`` (``group_ids`` then required), each row's residual ``delta_j`` is split
+    around the mean ``dbar_x`` of its prompt's rows in this batch: the per-example loss is
+    ``0.5 * (delta_j - dbar_x) ** 2 + 0.5 * lambda * dbar_x ** 2``, whose gradient is
+    ``delta_j - (1 - lambda) dbar_x``; summed over a prompt it is
+    ``0.5 * [sum_j (delta_j - dbar_x) ** 2 + lambda n_x dbar_x ** 2]``, and ``lambda = 1`` gives the plain loss.
+    A row alone in its prompt within the batch is all level: its loss is ``lambda`` times the plain one, so batch
+    whole prompts together (``train_sampling_strategy="group_by_prompt"``).
+
     Rows with a NaN (dropped) target get a NaN loss, so forgetting the ``keep`` mask is loud, yet their gradient
-    is exactly 0: ``losses[keep].mean()`` stays finite (a plain ``NaN * 0`` in backward would poison it).
+    is exactly 0 and they do not enter their prompt's mean: ``losses[keep].mean()`` stays finite (a plain
+    ``NaN * 0`` in backward would poison it).
     """
     if not (policy_logps.shape == ref_logps.shape == targets.shape):
         raise ValueError(
             f"policy_logps, ref_logps and targets must share a shape, got {tuple(policy_logps.shape)}, "
             f"{tuple(ref_logps.shape)} and {tuple(targets.shape)}."
         )
+    level_weight = _check_level_weight(level_weight, group_ids, targets)
     ref = ref_logps.detach().to(policy_logps)
     tgt = targets.detach().to(policy_logps)
     log_ratios = policy_logps - ref
     dropped = torch.isnan(tgt)
     residuals = log_ratios - torch.where(dropped, log_ratios.detach(), tgt)
-    losses = torch.where(dropped, torch.full_like(tgt, math.nan), 0.5 * residuals**2)
+    if level_weight == 1.0:
+        per_row = 0.5 * residuals**2
+    else:
+        level = _group_mean(residuals, group_ids, dropped)
+        per_row = 0.5 * (residuals - level) ** 2 + 0.5 * level_weight * level**2
+    losses = torch.where(dropped, torch.full_like(tgt, math.nan), per_row)
     return RPOLossOutput(losses, log_ratios.detach(), residuals.detach().masked_fill(dropped, math.nan))
+
+
+def _check_level_weight(level_weight: float, group_ids: Tensor | None, targets: Tensor) -> float:
+    weight = float(level_weight)
+    if isinstance(level_weight, bool) or not (math.isfinite(weight) and weight >= 0):
+        raise ValueError(f"level_weight must be a finite number >= 0, got {level_weight!r}.")
+    if weight != 1.0 and (group_ids is None or group_ids.shape != targets.shape):
+        raise ValueError("level_weight != 1 needs group_ids: one prompt id per row, shaped like the targets.")
+    return weight
+
+
+def _group_mean(values: Tensor, group_ids: Tensor, dropped: Tensor) -> Tensor:
+    """Each row's mean of ``values`` over the kept rows of its group (with gradient); 0 for a dropped row."""
+    _, g = torch.unique(group_ids.to(values.device), return_inverse=True)
+    kept = (~dropped).to(values.dtype)
+    num = int(g.max()) + 1 if g.numel() else 0
+    sums = values.new_zeros(num).index_add(0, g, values * kept)
+    counts = values.new_zeros(num).index_add(0, g, kept).clamp(min=1)
+    return (sums / counts)[g]
 
 
 def dro_loss(

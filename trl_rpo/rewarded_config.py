@@ -17,6 +17,7 @@ from trl import KTOConfig
 from .data.formats import REWARD_TRANSFORMS
 
 
+SAMPLING_STRATEGIES = ("random", "sequential", "group_by_length", "group_by_prompt")
 # KTO options with no meaning for a trainer that regresses onto stored rewards, and the defaults they must keep.
 _KTO_ONLY = {
     "desirable_weight": 1.0,
@@ -100,8 +101,10 @@ class RewardedCompletionsConfig(KTOConfig):
     train_sampling_strategy: str = field(
         default="random",
         metadata={
-            "help": "Sampler for the training set. Targets are stored per row, so batches may mix prompts.",
-            "choices": ["random", "sequential", "group_by_length"],
+            "help": "Sampler for the training set. Targets are stored per row, so batches may mix prompts; "
+            "'group_by_prompt' keeps each prompt's rows together (shuffled prompts, then rows), so that a batch size "
+            "that is a multiple of the completions per prompt holds whole prompts.",
+            "choices": list(SAMPLING_STRATEGIES),
         },
     )
 
@@ -127,6 +130,11 @@ class RewardedCompletionsConfig(KTOConfig):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"`{name}` must be one of {list(allowed)}, got {getattr(self, name)!r}.")
         self._check_reward_columns()
+        if self.train_sampling_strategy not in SAMPLING_STRATEGIES:
+            raise ValueError(
+                f"`train_sampling_strategy` must be one of {list(SAMPLING_STRATEGIES)}, got "
+                f"{self.train_sampling_strategy!r}."
+            )
         if not self.precompute_ref_log_probs:
             raise ValueError(
                 "`precompute_ref_log_probs=False` is not supported: reference log-probs (and RPO's V̂(x), which needs "

@@ -30,6 +30,7 @@ from .data import (
     SHARED_ROW_COLUMNS,
     DataCollatorForRewardedCompletions,
     LengthGroupedSampler,
+    PromptGroupedSampler,
     RewardSpec,
     check_rows,
     column_numpy,
@@ -317,10 +318,14 @@ class RewardedCompletionsTrainer(ReferencePassMixin, KTOTrainer):
         return np.minimum(prompt + completion, max_length)
 
     def _get_train_sampler(self, train_dataset=None):
-        """transformers' `group_by_length` grouping, read from the `length` column without Python work per row."""
+        """transformers' `group_by_length` grouping, read from the `length` column without Python work per row; or
+        each prompt's rows side by side (`group_by_prompt`)."""
         dataset = self.train_dataset if train_dataset is None else train_dataset
-        if self.args.train_sampling_strategy != "group_by_length" or not isinstance(dataset, Dataset):
+        strategy = self.args.train_sampling_strategy
+        if strategy not in ("group_by_length", "group_by_prompt") or not isinstance(dataset, Dataset):
             return super()._get_train_sampler(train_dataset)
+        if strategy == "group_by_prompt":
+            return PromptGroupedSampler(column_numpy(dataset, "group_key"))
         lengths = column_numpy(dataset, self.args.length_column_name)
         return LengthGroupedSampler(lengths, self.args.train_batch_size * self.args.gradient_accumulation_steps)
 

@@ -1,3 +1,4 @@
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -49,6 +50,26 @@ class RPOConfig(RewardedCompletionsConfig):
             What to do with prompts below `min_completions_per_prompt`: `"global_baseline"` (use V̂_g = τ·log mean
             exp(r/τ) over all training rows), `"drop"` (remove their rows, counted in the logs) or `"error"`.
 
+        > Parameters that control the level of the targets (see docs/loss.md, "The level of the target")
+
+        partition_temperature (`float`, *optional*):
+            Temperature τ_Z of the Monte-Carlo partition, separate from τ: V̂(x) = τ_Z·(logsumexp_j(r_j/τ_Z) − log n_x)
+            and t = (r − V̂(x))/τ (A*PO's β₁ ≠ β₂). `None` uses τ (the plain target); `float("inf")` makes V̂(x) the
+            prompt's mean reward, so that small τ sharpens the contrast between a prompt's completions without
+            pushing every failure toward −1/τ. V̂_g (sparse prompts, shrinkage) uses τ_Z too. Needs
+            `partition_estimator="monte_carlo"`.
+        value_shrinkage (`str`, *optional*, defaults to `"none"`):
+            `"empirical_bayes"` shrinks each prompt's V̂(x) toward the pooled V̂_g: w_x·V̂(x) + (1 − w_x)·V̂_g with the
+            credibility weight w_x = n_x/(n_x + k), k the within-prompt over the between-prompt variance of the
+            training rewards (Bühlmann–Straub; logged as `data/train_value_credibility`, the mean w_x, and `_k`).
+            Prompts whose few samples say little borrow the pooled value; eval splits reuse the training k. Needs
+            `partition_estimator="monte_carlo"`.
+        level_weight (`float`, *optional*, defaults to `1.0`):
+            λ in ½·Σ_x[Σ_j(δ_j − δ̄_x)² + λ·n_x·δ̄_x²] over the rows of each prompt in a batch (δ the residual, δ̄_x its
+            prompt's mean). 1 is the plain loss; any λ > 0 keeps its minimum (δ = 0), λ < 1 lets the level of a
+            prompt's log-ratios move less than their contrast. Needs `train_sampling_strategy="group_by_prompt"`
+            and a batch size that is a multiple of the completions per prompt, so that batches hold whole prompts.
+
         > Parameters that control the reward (shared with [`DROConfig`])
 
         reward_columns (`list[str]`, *optional*):
@@ -91,8 +112,9 @@ class RPOConfig(RewardedCompletionsConfig):
             needs every completion of a prompt). Setting it to `False` is an error.
         train_sampling_strategy (`str`, *optional*, defaults to `"random"`):
             Targets are stored per row, so batches may mix prompts freely; rows are shuffled like the authors' loader.
-            `"group_by_length"` batches rows of similar length (the `length` column the target pass adds: tokens the
-            model reads per row, after truncation).
+            `"group_by_prompt"` keeps each prompt's rows together (prompts shuffled, then their rows), which
+            `level_weight` needs. `"group_by_length"` batches rows of similar length (the `length` column the target
+            pass adds: tokens the model reads per row, after truncation).
         loss_type (`str`, *optional*, defaults to `"rpo"`):
             Only `"rpo"`. Kept so that configuration files written for KTO parse.
 
@@ -131,6 +153,27 @@ class RPOConfig(RewardedCompletionsConfig):
             "removed and counted) or 'error'.",
         },
     )
+    partition_temperature: float | None = field(
+        default=None,
+        metadata={
+            "help": "Temperature τ_Z of the Monte-Carlo partition: V̂(x) = τ_Z·(logsumexp(r/τ_Z) − log n), targets "
+            "(r − V̂)/τ. Default: τ (`beta`). 'inf' makes V̂(x) the prompt's mean reward. 'monte_carlo' only."
+        },
+    )
+    value_shrinkage: Literal["none", "empirical_bayes"] = field(
+        default="none",
+        metadata={
+            "help": "'empirical_bayes': shrink each prompt's V̂(x) toward the pooled V̂_g with the credibility weight "
+            "n/(n + k), k = within-prompt / between-prompt reward variance (logged). 'monte_carlo' only."
+        },
+    )
+    level_weight: float = field(
+        default=1.0,
+        metadata={
+            "help": "λ: weight of each prompt's mean residual in the loss, ½Σ_x[Σ_j(δ_j − δ̄_x)² + λ·n_x·δ̄_x²]; 1 is "
+            "the plain loss. Other values need train_sampling_strategy='group_by_prompt'."
+        },
+    )
     loss_type: Literal["rpo"] = field(
         default="rpo", metadata={"help": "Only 'rpo'; kept so that KTO configuration files parse."}
     )
@@ -139,4 +182,24 @@ class RPOConfig(RewardedCompletionsConfig):
         if not (isinstance(self.min_completions_per_prompt, int) and self.min_completions_per_prompt >= 1):
             raise ValueError(
                 f"`min_completions_per_prompt` must be an integer ≥ 1, got {self.min_completions_per_prompt!r}."
+            )
+        level_options = self.partition_temperature is not None or self.value_shrinkage != "none"
+        if level_options and self.partition_estimator != "monte_carlo":
+            raise ValueError(
+                "`partition_temperature` and `value_shrinkage` set the level of the Monte-Carlo partition; got "
+                f"`partition_estimator={self.partition_estimator!r}`. Set `partition_estimator='monte_carlo'` (its "
+                "completions should be samples of the reference), or remove them."
+            )
+        tau_z = self.partition_temperature
+        if tau_z is not None and (isinstance(tau_z, bool) or not isinstance(tau_z, int | float) or not tau_z > 0):
+            raise ValueError(f"`partition_temperature` must be a number > 0 ('inf' allowed), got {tau_z!r}.")
+        weight = self.level_weight
+        finite = isinstance(weight, int | float) and not isinstance(weight, bool) and math.isfinite(weight)
+        if not (finite and weight >= 0):
+            raise ValueError(f"`level_weight` must be a finite number ≥ 0, got {weight!r}.")
+        if weight != 1 and self.train_sampling_strategy != "group_by_prompt":
+            raise ValueError(
+                f"`level_weight={weight}` weighs each prompt's mean residual within a batch, so a batch must hold "
+                "the prompt's rows together: set `train_sampling_strategy='group_by_prompt'` (and a batch size that "
+                "is a multiple of the completions per prompt), or keep `level_weight=1`."
             )

@@ -1,3 +1,4 @@
+import math
 import textwrap
 
 import numpy as np
@@ -85,6 +86,7 @@ class RPOTrainer(RewardedCompletionsTrainer):
     _config_class = RPOConfig  # the configuration class `args` must be (and the default's)
     _loss_columns = ("ref_logps", "target", "value")
     _global_value = None  # V̂_g of the training split, set by its target pass and reused by evaluation splits
+    _credibility_k = None  # k of the shrinkage weights n/(n + k), likewise
     _paper = {
         "title": "Value-Free Policy Optimization via Reward Partitioning",
         "id": "2506.13702",
@@ -119,10 +121,15 @@ class RPOTrainer(RewardedCompletionsTrainer):
             min_completions_per_prompt=self.args.min_completions_per_prompt,
             sparse_prompt_strategy=self.args.sparse_prompt_strategy,
             global_value=None if is_train else self._global_value,
+            partition_temperature=self.args.partition_temperature,
+            value_shrinkage=self.args.value_shrinkage,
+            credibility_k=None if is_train else self._credibility_k,
         )
         if is_train:
-            self._global_value = targets.global_value
+            self._global_value, self._credibility_k = targets.global_value, targets.credibility_k
         self._record_sparse_counts(name, group_ids, targets)
+        if self.args.value_shrinkage != "none":
+            self._record_credibility(name, group_ids, targets.credibility_k)
         self._refuse_extreme_targets(dataset, name, targets.targets, targets.keep)
         if not targets.keep.any():
             raise ValueError(
@@ -159,7 +166,22 @@ class RPOTrainer(RewardedCompletionsTrainer):
                 + (f" dropped {dropped} rows." if dropped else " gives them the global baseline V̂_g.")
             )
 
+    def _record_credibility(self, name: str, group_ids: torch.Tensor, k: float) -> None:
+        """Log k and the mean credibility weight n_x/(n_x + k) over the split's prompts."""
+        _, counts = torch.unique(group_ids, return_counts=True)
+        weights = torch.ones(len(counts)) if k == 0 else counts / (counts + k)
+        mean_weight = float("nan") if math.isnan(k) else weights.mean().item()
+        self._data_stats[f"data/{name}_value_credibility"] = mean_weight
+        self._data_stats[f"data/{name}_value_credibility_k"] = k
+        logger.info(
+            f"Empirical-Bayes shrinkage of V̂(x) on the {name} dataset: k = {k:.4g}, mean credibility weight "
+            f"{mean_weight:.3f} (1: each prompt keeps its own V̂, 0: every prompt gets the pooled V̂_g)."
+        )
+
     def _loss_from_logps(self, batch, policy_logps: torch.Tensor, outputs) -> tuple[torch.Tensor, RowMetrics]:
-        """½·mean((log π_θ − ℓ_ref − t)²): no reference forward, the stored ℓ_ref and t are all RPO reads."""
-        out = rpo_loss(policy_logps, batch["ref_logps"], batch["target"])
+        """½·mean((log π_θ − ℓ_ref − t)²), the prompt mean residual weighted by `level_weight`: no reference forward,
+        the stored ℓ_ref and t are all RPO reads."""
+        out = rpo_loss(
+            policy_logps, batch["ref_logps"], batch["target"], batch["group_key"], level_weight=self.args.level_weight
+        )
         return out.losses.mean(), RowMetrics(batch["target"], batch["value"], out.log_ratios, out.residuals)

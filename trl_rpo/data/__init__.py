@@ -39,7 +39,7 @@ from .formats import (
     reward_rows_batch,
     to_reward_rows,
 )
-from .sampler import LengthGroupedSampler
+from .sampler import LengthGroupedSampler, PromptGroupedSampler
 from .tokenize import ids_key, prepare_rows_batch, tokenize_batch
 
 
@@ -54,6 +54,7 @@ __all__ = [
     "SHARED_ROW_COLUMNS",
     "DataCollatorForRewardedCompletions",
     "LengthGroupedSampler",
+    "PromptGroupedSampler",
     "RewardSpec",
     "RowFormat",
     "check_rows",

@@ -51,3 +51,41 @@ class LengthGroupedSampler(Sampler[int]):
         longest = int(torch.argmax(self.lengths[order]))  # the first maximum: the head of its mega-batch
         order[[0, longest]] = order[[longest, 0]]
         return order
+
+
+class PromptGroupedSampler(Sampler[int]):
+    """
+    Indices with each prompt's rows side by side: prompts in a random order, and a random order inside each prompt.
+
+    A batch of consecutive indices then holds whole prompts when its size is a multiple of the rows per prompt (and
+    at most two pieces of a prompt otherwise), which a loss over each prompt's rows in the batch needs
+    (`RPOConfig.level_weight`). One `randperm` over the prompts, one over the rows, and a stable sort: no Python
+    work per row. Each pass draws new orders from `generator` (torch's global generator when `None`, which the
+    Trainer seeds).
+
+    Example:
+
+    ```python
+    >>> sampler = PromptGroupedSampler(np.array([7, 7, 3, 3, 3, 9]))
+    >>> [int(i) for i in sampler]  # doctest: +SKIP
+    [4, 2, 3, 5, 1, 0]
+    ```
+    """
+
+    def __init__(self, group_keys, generator=None):
+        _, self.groups = np.unique(np.asarray(group_keys), return_inverse=True)
+        self.groups = torch.as_tensor(self.groups.astype(np.int64))
+        self.generator = generator
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __iter__(self):
+        return iter(self.indices().tolist())
+
+    def indices(self) -> torch.Tensor:
+        if len(self.groups) == 0:
+            return self.groups.clone()
+        rank = torch.randperm(int(self.groups.max()) + 1, generator=self.generator)  # each prompt's place
+        rows = torch.randperm(len(self.groups), generator=self.generator)  # rows shuffled, then sorted by place
+        return rows[torch.sort(rank[self.groups[rows]], stable=True).indices]
