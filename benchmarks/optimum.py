@@ -10,6 +10,15 @@ set). Three data sets are drawn from each task:
 * `sampled`: as many draws per prompt as candidates, from π_ref over the candidates, with repeats (the
   Monte-Carlo setting, where `partition_estimator="monte_carlo"` is consistent).
 
+`--binary` runs the same model with a binary reward instead (each candidate a success with probability 1/4; every
+prompt has one) at a small τ (`--binary-tau`, 0.1), the form in which the level of RPO's targets matters: π* keeps
+almost nothing on failures, and a few samples per prompt make the Monte-Carlo partition push every failure down by
+≈ 1/τ. Its data sets: `binary_full` (every candidate once: the consistency check), `binary_sampled` (6 draws per
+prompt from π_ref, some prompts without a success: the level problem) and `binary_many` (48 draws per prompt, where
+the Monte-Carlo partition is nearly consistent: the cost in TV of a partition temperature τ_Z ≠ τ). The methods add
+the level options of `RPOConfig`: τ_Z = ∞ (V̂ = the prompt's mean reward) or 1, empirical-Bayes shrinkage, and the
+level-weighted loss (λ = 0.1, prompts batched whole).
+
 Methods (same model, data, optimiser, batch, steps): RPO with the empirical and Monte-Carlo partition and summed
 or mean token log-probs, RPO without a partition (V̂ = 0, the paper's ablation), DRO (learned V_φ, sum), KTO
 (labels: reward above the data set's mean) and SFT on each prompt's best observed completion. Rewards are used as
@@ -20,13 +29,15 @@ every step's training loss.
     python benchmarks/optimum.py                    # the study: every task x method x seed, curves and table
     python benchmarks/optimum.py --tau-sweep        # stability: RPO and DRO for τ in 0.1 0.5 1 2 5
     python benchmarks/optimum.py --iterative        # iterative RPO, K = 1, 2, 4 rounds, same sample budget
+    python benchmarks/optimum.py --binary           # a binary reward at τ 0.1: the level options against KTO
     python benchmarks/optimum.py --quick            # a smoke run in seconds
 
-Results go to `benchmarks/results/optimum_cpu.json` (or `optimum_tau_sweep_cpu.json`) and PNG figures next to
-it; the markdown tables go to stdout. See README.md.
+Results go to `benchmarks/results/optimum_cpu.json` (or `optimum_tau_sweep_cpu.json`, `optimum_binary_cpu.json`)
+and PNG figures next to it; the markdown tables go to stdout. See README.md.
 """
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -49,19 +60,34 @@ from transformers.utils import logging as hf_logging
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 TASKS = ("full", "sparse", "sampled")
-RPO_VARIANTS = {  # name: (partition_estimator, logps_aggregation)
-    "rpo_empirical_sum": ("empirical", "sum"),
-    "rpo_empirical_mean": ("empirical", "mean"),
-    "rpo_mc_sum": ("monte_carlo", "sum"),
-    "rpo_mc_mean": ("monte_carlo", "mean"),
-    "rpo_no_partition": ("none", "sum"),
+BINARY_TASKS = ("binary_full", "binary_sampled", "binary_many")
+BINARY_DRAWS = {"binary_sampled": 6, "binary_many": 48}
+MC = {"partition_estimator": "monte_carlo", "logps_aggregation": "sum"}
+LEVEL = {"level_weight": 0.1, "train_sampling_strategy": "group_by_prompt"}
+RPO_VARIANTS = {  # name: RPOConfig options
+    "rpo_empirical_sum": {"partition_estimator": "empirical", "logps_aggregation": "sum"},
+    "rpo_empirical_mean": {"partition_estimator": "empirical", "logps_aggregation": "mean"},
+    "rpo_mc_sum": MC,
+    "rpo_mc_mean": {"partition_estimator": "monte_carlo", "logps_aggregation": "mean"},
+    "rpo_no_partition": {"partition_estimator": "none", "logps_aggregation": "sum"},
+    # the level options (issue #18)
+    "rpo_mc_tz_inf": MC | {"partition_temperature": math.inf},
+    "rpo_mc_tz_1": MC | {"partition_temperature": 1.0},
+    "rpo_mc_tz_inf_eb": MC | {"partition_temperature": math.inf, "value_shrinkage": "empirical_bayes"},
+    "rpo_mc_lw0.1": MC | LEVEL,
+    "rpo_empirical_lw0.1": {"partition_estimator": "empirical", "logps_aggregation": "sum"} | LEVEL,
 }
+BINARY_METHODS = (
+    "rpo_empirical_sum", "rpo_empirical_lw0.1", "rpo_mc_sum", "rpo_mc_tz_inf", "rpo_mc_tz_1", "rpo_mc_tz_inf_eb",
+    "rpo_mc_lw0.1", "rpo_no_partition", "kto",
+)  # fmt: skip
 # Iterative RPO on the `sampled` task: K rounds, each sampling `--iter-budget / K` completions per prompt from the
 # current policy, training the Monte-Carlo partition (summed log-probs) with the sampling policy as reference, τ·K per
 # round (K tilts by exp(r/(Kτ)) compose to one by exp(r/τ)) and `--steps / K` steps: the same samples and steps in all.
 ITERATIVE = {"rpo_iter_k1": 1, "rpo_iter_k2": 2, "rpo_iter_k4": 4}
 METHODS = (*RPO_VARIANTS, "dro", "kto", "sft_best", *ITERATIVE)
-STUDY_METHODS = (*RPO_VARIANTS, "dro", "kto", "sft_best")
+STUDY_METHODS = ("rpo_empirical_sum", "rpo_empirical_mean", "rpo_mc_sum", "rpo_mc_mean", "rpo_no_partition", "dro",
+                 "kto", "sft_best")  # fmt: skip
 SWEEP_METHODS = ("rpo_empirical_sum", "dro")
 SWEEP_TAUS = (0.1, 0.5, 1.0, 2.0, 5.0)
 # Completions of different token lengths (so that sum and mean aggregation disagree); all start with a space,
@@ -91,6 +117,8 @@ def parse_args(argv=None):
     p.add_argument("--reference-fit-steps", type=int, default=60, help="Adam steps fitting the reference (see below)")
     p.add_argument("--iter-budget", type=int, default=12, help="samples per prompt over all rounds (iterative RPO)")
     p.add_argument("--iterative", action="store_true", help="iterative RPO, K = 1, 2, 4, on `sampled`")
+    p.add_argument("--binary", action="store_true", help="a binary reward at --binary-tau: the level options")
+    p.add_argument("--binary-tau", type=float, default=0.1)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 2 methods, a few steps")
     p.add_argument("--output", default=None, help="JSON path (default: results/optimum[_tau_sweep]_<device>.json)")
@@ -102,11 +130,14 @@ def parse_args(argv=None):
         args.reference_fit_steps, args.warmup_steps = 2, 0
     default_methods = ("rpo_empirical_sum", "kto") if args.quick else STUDY_METHODS
     default_methods = SWEEP_METHODS if args.tau_sweep else ITERATIVE if args.iterative else default_methods
+    default_methods = BINARY_METHODS if args.binary and not args.quick else default_methods
     args.methods = args.methods.split(",") if args.methods else list(default_methods)
     args.tasks = ["full"] if args.tau_sweep else ["sampled"] if args.iterative else args.tasks.split(",")
+    if args.binary:  # batches of 12: two prompts' rows of `binary_sampled`, whole for the level-weighted loss
+        args.tasks, args.tau, args.batch = list(BINARY_TASKS), args.binary_tau, 12
     if args.iterative and args.quick:
         args.iter_budget, args.steps = 4, 8
-    for name, chosen, allowed in (("--methods", args.methods, METHODS), ("--tasks", args.tasks, TASKS)):
+    for name, chosen, allowed in (("--methods", args.methods, METHODS), ("--tasks", args.tasks, TASKS + BINARY_TASKS)):
         if set(chosen) - set(allowed):
             p.error(f"{name}: choose among {list(allowed)}, got {chosen}")
     if not 1 <= args.candidates <= len(CANDIDATE_POOL):
@@ -184,7 +215,16 @@ def build_task(work_dir: str, args, seed: int) -> dict:
         optimizer.zero_grad()
     model.save_pretrained(model_dir)
     rewards = torch.randn(candidates.shape, generator=generator, dtype=torch.float64)
-    return {"model_dir": model_dir, "candidates": candidates, "rewards": rewards, "ref_logps": candidates.logps(model)}
+    # The binary reward: each candidate a success with probability 1/4, and one success per prompt at least.
+    binary = torch.rand(candidates.shape, generator=generator) < 0.25
+    binary[torch.arange(len(prompts)), torch.randint(candidates.shape[1], (len(prompts),), generator=generator)] = True
+    return {"model_dir": model_dir, "candidates": candidates, "rewards": rewards, "ref_logps": candidates.logps(model),
+            "binary_rewards": binary.double()}  # fmt: skip
+
+
+def task_for(task: dict, kind: str) -> dict:
+    """The task with the rewards of the data set `kind` (binary for the `binary_*` ones)."""
+    return task | {"rewards": task["binary_rewards"]} if kind in BINARY_TASKS else task
 
 
 def optimum(ref_logps: torch.Tensor, rewards: torch.Tensor, tau: float) -> torch.Tensor:
@@ -196,7 +236,7 @@ def draw_rows(task: dict, kind: str, seed: int) -> list[tuple[int, int]]:
     """(prompt index, candidate index) of every training row of the `kind` data set."""
     rng = random.Random(seed + 1)
     num_prompts, num_candidates = task["candidates"].shape
-    if kind == "full":
+    if kind in ("full", "binary_full"):
         return [(p, c) for p in range(num_prompts) for c in range(num_candidates)]
     if kind == "sparse":
         rows = []
@@ -206,7 +246,9 @@ def draw_rows(task: dict, kind: str, seed: int) -> list[tuple[int, int]]:
         return rows
     ref = torch.softmax(task["ref_logps"], -1)
     generator = torch.Generator().manual_seed(seed + 1)
-    draws = torch.multinomial(ref.float(), num_candidates, replacement=True, generator=generator)
+    draws = torch.multinomial(
+        ref.float(), BINARY_DRAWS.get(kind, num_candidates), replacement=True, generator=generator
+    )
     return [(p, int(c)) for p in range(num_prompts) for c in draws[p]]
 
 
@@ -299,15 +341,8 @@ def trainer_for(method: str, model_dir: str, data: dict, tau: float, args, out_d
         config = DROConfig(beta=tau, logps_aggregation="sum", reward_normalization="none", **common)
         trainer_class = DROTrainer
     else:
-        estimator, aggregation = RPO_VARIANTS[method]
-        config = RPOConfig(
-            beta=tau,
-            partition_estimator=estimator,
-            logps_aggregation=aggregation,
-            reward_normalization="none",
-            min_completions_per_prompt=2,
-            **common,
-        )
+        options = RPO_VARIANTS[method]
+        config = RPOConfig(beta=tau, reward_normalization="none", min_completions_per_prompt=2, **common, **options)
         trainer_class = RPOTrainer
     return trainer_class(model_dir, args=config, train_dataset=dataset)
 
@@ -317,6 +352,7 @@ def run_one(method: str, kind: str, task: dict, seed: int, tau: float, args, wor
 
     if method in ITERATIVE:
         return run_iterative(ITERATIVE[method], task, seed, tau, args, work_dir)
+    task = task_for(task, kind)
     rows = draw_rows(task, kind, seed)
     probe = Probe(task, tau, args.eval_every)
     data = rows_for(method, task, rows)
@@ -330,12 +366,16 @@ def run_one(method: str, kind: str, task: dict, seed: int, tau: float, args, wor
     scale = tau**2 if method == "dro" else 1.0
     tail = [loss / scale for loss in losses[-max(2, len(losses) // 5) :]]
     final = probe.curve[-1]
+    star = optimum(task["ref_logps"], task["rewards"], tau)
+    star_kl = (star * (star.log() - torch.log_softmax(task["ref_logps"], -1))).sum(-1).mean().item()
+    final = final | {"reward_at_half_optimum_kl": reward_at_kl(probe.curve, star_kl / 2)}
     return {
         "method": method,
         "task": kind,
         "seed": seed,
         "tau": tau,
         "rows": len(rows),
+        "optimum_kl_to_ref": star_kl,
         "seconds": time.perf_counter() - start,
         "curve": probe.curve,
         "loss": losses,
@@ -349,6 +389,17 @@ def run_one(method: str, kind: str, task: dict, seed: int, tau: float, args, wor
         "diverged": not math.isfinite(final["tv_to_optimum"])
         or final["tv_to_optimum"] > probe.curve[0]["tv_to_optimum"],
     }
+
+
+def reward_at_kl(curve: list[dict], kl: float) -> float:
+    """E_π[r] when training first reached KL(π‖π_ref) = `kl` (interpolated between probes; NaN if it never did):
+    how much reward a method buys along its path for a given distance from the reference."""
+    for before, after in itertools.pairwise(curve):
+        if before["kl_to_ref"] <= kl <= after["kl_to_ref"]:
+            span = after["kl_to_ref"] - before["kl_to_ref"]
+            share = (kl - before["kl_to_ref"]) / span if span else 0.0
+            return before["expected_reward"] + share * (after["expected_reward"] - before["expected_reward"])
+    return math.nan
 
 
 class _OffsetProbe(Probe):
@@ -411,13 +462,20 @@ def summarise(runs: list[dict], key: str) -> dict:
     grouped = {}
     for run in runs:
         grouped.setdefault((run["task"], run["method"], run["tau"]), []).append(run["final"][key])
-    return {k: (statistics.fmean(v), statistics.pstdev(v)) for k, v in grouped.items()}
+    return {k: _mean_std([x for x in v if math.isfinite(x)]) for k, v in grouped.items()}
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and population std of the finite values (a run that never reached a KL has NaN there)."""
+    return (statistics.fmean(values), statistics.pstdev(values)) if values else (math.nan, math.nan)
 
 
 def study_table(runs: list[dict], tasks: list[str], methods: list[str]) -> str:
     tv, kl = summarise(runs, "tv_to_optimum"), summarise(runs, "kl_to_optimum")
     reward, kl_ref = summarise(runs, "expected_reward"), summarise(runs, "kl_to_ref")
     mass = summarise(runs, "candidate_mass")
+    binary = all(r["task"] in BINARY_TASKS for r in runs)
+    at_half = summarise(runs, "reward_at_half_optimum_kl") if binary else {}
     start = {(r["task"], r["seed"]): r["curve"][0] for r in runs}
     lines = []
     for task in tasks:
@@ -426,18 +484,25 @@ def study_table(runs: list[dict], tasks: list[str], methods: list[str]) -> str:
         initial_tv = statistics.fmean(c["tv_to_optimum"] for c in initial)
         initial_reward = statistics.fmean(c["expected_reward"] for c in initial)
         best_reward = statistics.fmean(r["optimal_expected_reward"] for r in runs if r["task"] == task)
+        star_kl = statistics.fmean(
+            r["optimum_kl_to_ref"] for r in runs if r["task"] == task and "optimum_kl_to_ref" in r
+        )
+        extra = f", KL(π*‖π_ref) {star_kl:.3f}" if binary else ""
         lines += [
-            f"\n**{task}** (π_ref: TV {initial_tv:.3f}, E[r] {initial_reward:+.3f}; π*: E[r] {best_reward:+.3f})\n",
-            "| method | TV(π, π*) | KL(π‖π*) | E_π[r] | KL(π‖π_ref) | mass on candidates |",
-            "|---|---|---|---|---|---|",
+            f"\n**{task}** (π_ref: TV {initial_tv:.3f}, E[r] {initial_reward:+.3f}; π*: E[r] {best_reward:+.3f}"
+            + f"{extra})\n",
+            "| method | TV(π, π*) | KL(π‖π*) | E_π[r] | KL(π‖π_ref) | mass on candidates |"
+            + (" E_π[r] on the way, at ½ KL(π*‖π_ref) |" if binary else ""),
+            "|---|---|---|---|---|---|" + ("---|" if binary else ""),
         ]
         for method in methods:
             k = (task, method, tau)
             if k in tv:
+                half = f" {at_half[k][0]:+.3f} ± {at_half[k][1]:.3f} |" if binary else ""
                 lines.append(
                     f"| {method} | {tv[k][0]:.3f} ± {tv[k][1]:.3f} | {kl[k][0]:.3f} ± {kl[k][1]:.3f} | "
                     f"{reward[k][0]:+.3f} ± {reward[k][1]:.3f} | {kl_ref[k][0]:.3f} ± {kl_ref[k][1]:.3f} | "
-                    f"{mass[k][0]:.3f} ± {mass[k][1]:.3f} |"
+                    f"{mass[k][0]:.3f} ± {mass[k][1]:.3f} |{half}"
                 )
     return "\n".join(lines)
 
@@ -463,7 +528,8 @@ def sweep_table(runs: list[dict], methods: list[str]) -> str:
 
 
 def plot(runs: list[dict], tasks: list[str], methods: list[str], path_prefix: str) -> list[str]:
-    """One PNG per task: TV to π*, expected reward, KL to π_ref (mean over seeds, min-max band) and loss."""
+    """One PNG per task: TV to π*, expected reward, KL to π_ref (mean over seeds, min-max band), loss, and the
+    expected reward against KL to π_ref along training (the path's reward–KL frontier)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -472,7 +538,7 @@ def plot(runs: list[dict], tasks: list[str], methods: list[str], path_prefix: st
     paths = []
     panels = [("tv_to_optimum", "TV(π, π*)"), ("expected_reward", "E_π[r]"), ("kl_to_ref", "KL(π ‖ π_ref)")]
     for task in tasks:
-        fig, axes = plt.subplots(1, 4, figsize=(20, 4.2))
+        fig, axes = plt.subplots(1, 5, figsize=(25, 4.2))
         for method in methods:
             group = [r for r in runs if r["task"] == task and r["method"] == method]
             if not group:
@@ -485,12 +551,17 @@ def plot(runs: list[dict], tasks: list[str], methods: list[str], path_prefix: st
                 ax.set_title(title)
             losses = torch.tensor([r["loss"] for r in group]).mean(0)
             axes[3].plot(range(1, len(losses) + 1), losses, label=method)
+            kls = torch.tensor([[point["kl_to_ref"] for point in r["curve"]] for r in group]).mean(0)
+            rewards = torch.tensor([[point["expected_reward"] for point in r["curve"]] for r in group]).mean(0)
+            axes[4].plot(kls, rewards, label=method)
         optimum_reward = statistics.fmean(r["optimal_expected_reward"] for r in runs if r["task"] == task)
         axes[1].axhline(optimum_reward, color="black", linestyle="--", linewidth=1, label="π*")
         axes[3].set_yscale("symlog", linthresh=1e-3)
         axes[3].set_title("training loss (each method's own)")
-        for ax in axes:
+        for ax in axes[:4]:
             ax.set_xlabel("optimizer step")
+        axes[4].set(title="E_π[r] against KL(π ‖ π_ref) along training", xlabel="KL(π ‖ π_ref)")
+        axes[4].axhline(optimum_reward, color="black", linestyle="--", linewidth=1)
         handles, labels = axes[1].get_legend_handles_labels()
         fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=9, frameon=False)
         fig.suptitle(
@@ -528,6 +599,7 @@ def main(argv=None) -> None:
     hf_logging.set_verbosity_error()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     name = "optimum_tau_sweep" if args.tau_sweep else "optimum_iterative" if args.iterative else "optimum"
+    name = "optimum_binary" if args.binary else name
     output = args.output or os.path.join(RESULTS_DIR, f"{name}_{device}.json")
     taus = SWEEP_TAUS if args.tau_sweep else (args.tau,)
     runs = []

@@ -362,7 +362,8 @@ def _shrink(log_value: Tensor, counts: Tensor, k: float, global_log_value: float
     """``w V(x) + (1 - w) V_g`` per group (in units of ``1 / tau``), ``w = n / (n + k)``; NaN ``k`` keeps ``V(x)``."""
     if math.isnan(k):
         return log_value
-    weights = torch.ones_like(log_value) if k == 0 else counts.to(torch.float64) / (counts + k)
+    counts = counts.to(torch.float64)
+    weights = torch.ones_like(log_value) if k == 0 else counts / (counts + k)
     return weights * log_value + (1 - weights) * global_log_value
 
 
