@@ -17,8 +17,8 @@ Tasks (same prompts and completions, three rewards):
 * `graded` (dense): ½ · arithmetic + ½ · brevity, brevity = max(0, 1 − words/30).
 
 Methods are families swept over τ (RPO) or β (KTO), each at the learning rate picked for it on the format task
-(`LEARNING_RATES`, see docs/benchmarks.md); `--lrs` overrides it (the learning-rate grid). Same LoRA, batch (12 =
-two prompts' rows) and steps (40) for all. The analysis compares the curves at equal KL: each family's reward
+(`LEARNING_RATES`, see docs/benchmarks.md); `--lrs` overrides it (the learning-rate grid). Same LoRA, batch (6 =
+one prompt's rows) and steps (40) for all. The analysis compares the curves at equal KL: each family's reward
 is interpolated along its τ/β sweep (the starting model is every curve's origin), averaged over seeds, and the
 difference to KTO's best family gets a paired bootstrap confidence interval (held-out prompts resampled once for
 all methods, seeds resampled per family). Results are appended run by run to the JSON (a rerun skips finished
@@ -125,7 +125,7 @@ def parse_args(argv=None):
     p.add_argument("--seeds", default="1", help="a count (seeds 0..n-1) or a comma-separated list")
     p.add_argument("--lrs", default=None, help="learning rates to run (default: each family's LEARNING_RATES)")
     p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--batch", type=int, default=12)
+    p.add_argument("--batch", type=int, default=6)
     p.add_argument("--eval-samples", type=int, default=8, help="samples per held-out prompt")
     p.add_argument("--max-new-tokens", type=int, default=SAMPLING["max_new_tokens"])
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples of the equal-KL comparison")
@@ -451,8 +451,6 @@ def model_path(quick: bool) -> str:
 
 def run_sweep(args) -> dict:
     output = Path(args.output)
-    saved = json.loads(output.read_text()) if output.is_file() else {"runs": []}
-    done = {(r["task"], r["point"], r["seed"], r["lr"]) for r in saved["runs"]}
     path = model_path(args.quick)
     for task in args.tasks:
         rows, held_out = load_rows(task, args.quick)
@@ -460,19 +458,36 @@ def run_sweep(args) -> dict:
             for point in args.points:
                 family = POINTS[point][0]
                 for lr in [0.0] if family == "base" else args.lrs or [learning_rate(family)]:
-                    if (task, point, seed, lr) in done:
+                    if (task, point, seed, lr) in _finished(output):  # read again: another worker may have run it
                         continue
                     run = one_run(task, point, seed, lr, path, rows, held_out, args)
-                    saved["runs"].append(run)
                     _print_run(run)
-                    saved |= {
-                        "date": date.today().isoformat(),
-                        "machine": platform.platform(),
-                        "settings": _settings(args),
-                    }
-                    output.parent.mkdir(parents=True, exist_ok=True)
-                    output.write_text(json.dumps(saved, indent=None) + "\n")  # after every run: resumable
-    return saved
+                    _append(output, run, _settings(args))
+    return _read(output)
+
+
+def _read(output: Path) -> dict:
+    return json.loads(output.read_text()) if output.is_file() else {"runs": []}
+
+
+def _finished(output: Path) -> set[tuple]:
+    return {(r["task"], r["point"], r["seed"], r["lr"]) for r in _read(output)["runs"]}
+
+
+def _append(output: Path, run: dict, settings: dict) -> None:
+    """Add one run to the JSON under a lock and atomically, after every run: the sweep resumes where it stopped,
+    and several workers (one per core: `--threads 1`) can fill one file."""
+    import fcntl
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with open(output.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        saved = _read(output)
+        saved["runs"].append(run)
+        saved |= {"machine": platform.platform(), "settings": settings}
+        temporary = output.with_suffix(".tmp")
+        temporary.write_text(json.dumps(saved) + "\n")
+        temporary.replace(output)
 
 
 def one_run(task, point, seed, lr, path, rows, held_out, args) -> dict:

@@ -89,7 +89,8 @@ def test_partition_temperature_sets_the_level_not_the_contrast():
     # a larger tau_Z lowers V (softmax -> mean), so it raises every target: failures are pushed down less
     low = _mc(r, g, beta=tau, partition_temperature=0.25).targets
     high = _mc(r, g, beta=tau, partition_temperature=math.inf).targets
-    assert (high >= low - 1e-12).all() and (high > low).any()
+    assert (high >= low - 1e-12).all()
+    assert (high > low).any()
 
 
 def test_partition_temperature_naive_parity():
@@ -183,7 +184,8 @@ def test_shrinkage_gives_a_prompt_without_success_a_signal():
     shrunk = _mc(r, g, value_shrinkage="empirical_bayes", **kwargs)
     assert (plain[6:12] == 0).all()
     pooled = (0 - statistics.fmean(r)) / 0.1
-    assert (shrunk.targets[6:12] < 0).all() and (shrunk.targets[6:12] > pooled).all()
+    assert (shrunk.targets[6:12] < 0).all()
+    assert (shrunk.targets[6:12] > pooled).all()
 
 
 def test_shrinkage_limits_and_eval_reuse():
@@ -203,8 +205,8 @@ def test_shrinkage_limits_and_eval_reuse():
 
 
 def test_level_weighted_loss_by_hand():
-    """Residuals (0.4, -0.2, 0.1 | 0.6): the first prompt's mean is 0.1, its spread 0.09 + 0.09 + 0 = 0.18; lambda = 0.5:
-    sum = 0.5 * (0.18 + 0.5 * 3 * 0.01) + 0.5 * (0 + 0.5 * 0.36) = 0.0975 + 0.09; the loss is its mean over 4 rows."""
+    """Residuals (0.4, -0.2, 0.1 | 0.6): the first prompt's mean is 0.1, its spread 0.09 + 0.09 + 0 = 0.18;
+    lambda = 0.5: sum = 0.5 * (0.18 + 0.5 * 3 * 0.01) + 0.5 * (0 + 0.5 * 0.36) = 0.0975 + 0.09 over the 4 rows."""
     targets = _t([1.0, -1.0, 0.0, 2.0])
     residuals = _t([0.4, -0.2, 0.1, 0.6])
     out = losses.rpo_loss(targets + residuals, torch.zeros(4, dtype=F64), targets, torch.tensor([5, 5, 5, 9]),
@@ -215,7 +217,7 @@ def test_level_weighted_loss_by_hand():
 
 @pytest.mark.parametrize("weight", [0.0, 0.1, 0.5, 1.0, 3.0])
 def test_level_weighted_loss_naive_parity_and_gradient(weight):
-    """Per prompt 0.5 [sum (d - dbar)^2 + lambda n dbar^2]; the gradient of the summed loss is d - (1 - lambda) dbar."""
+    """Per prompt 0.5 [sum (d - dbar)^2 + lambda n dbar^2]; the summed loss's gradient is d - (1 - lambda) dbar."""
     gen = torch.Generator().manual_seed(int(weight * 10))
     g = torch.tensor([3, 1, 3, 3, 8, 1, 8, 8, 8, 2])
     policy = torch.randn(10, dtype=F64, generator=gen).requires_grad_()

@@ -2,6 +2,7 @@
 level-weighted loss, the partition temperature and empirical-Bayes shrinkage as `RPOConfig` options (stored targets,
 logged credibility, eval splits, refusals)."""
 
+import logging
 import math
 
 import numpy as np
@@ -13,7 +14,7 @@ from transformers import HfArgumentParser
 from tests.conftest import reward_rows
 from trl_rpo import RPOConfig, RPOTrainer
 from trl_rpo.data import PromptGroupedSampler
-from trl_rpo.losses import normalize_rewards, rpo_loss, rpo_targets
+from trl_rpo.losses import normalize_rewards, rpo_loss, rpo_targets, target_level_split
 
 
 def test_sampler_keeps_each_prompt_together_in_a_random_order():
@@ -96,7 +97,8 @@ def test_partition_temperature_and_shrinkage_targets_and_logs(model_dir, make_ar
     plain = rpo_targets(torch.tensor(train["ref_logps"]), rewards, groups, beta=0.5, estimator="monte_carlo")
     assert not torch.allclose(expected.targets, plain.targets)  # the options change the targets
     k = trainer._data_stats["data/train_value_credibility_k"]
-    assert k == pytest.approx(expected.credibility_k) and 0 < k < math.inf
+    assert k == pytest.approx(expected.credibility_k)
+    assert 0 < k < math.inf
     assert trainer._data_stats["data/train_value_credibility"] == pytest.approx(3 / (3 + k))
     # the eval split (the same rows) reuses the training k and V_g: the same targets
     torch.testing.assert_close(
@@ -136,3 +138,31 @@ def test_level_weight_one_is_todays_loss():
     policy, ref, targets = torch.randn(6), torch.randn(6), torch.randn(6)
     grouped = rpo_loss(policy, ref, targets, torch.tensor([0, 0, 1, 1, 1, 2]), level_weight=1.0)
     torch.testing.assert_close(grouped.losses, rpo_loss(policy, ref, targets).losses, rtol=0, atol=0)
+
+
+def test_target_level_split_by_hand():
+    """Prompt a: targets (3, 1) → level 2, contrast ±1; prompt b: (−4) → level −4, contrast 0; a dropped row is left
+    out. RMS contrast √(2/3), RMS level √((4 + 4 + 16)/3) = √8."""
+    targets = torch.tensor([3.0, 1.0, -4.0, math.nan], dtype=torch.float64)
+    contrast, level = target_level_split(targets, torch.tensor([0, 0, 1, 1]))
+    assert contrast == pytest.approx(math.sqrt(2 / 3))
+    assert level == pytest.approx(math.sqrt(8))
+
+
+def test_targets_dominated_by_their_level_are_warned_about(model_dir, make_args, caplog):
+    """The authors' defaults on rows whose rewards hardly differ: each prompt's targets are mostly its shared
+    −log Σ π_ref term, so the trainer warns and says what to change; the contrast-only targets of τ_Z = ∞ do not."""
+    rows = reward_rows(num_prompts=4, completions_per_prompt=3)
+    dataset = Dataset.from_dict(rows)
+    with caplog.at_level(logging.WARNING):
+        trainer = RPOTrainer(model_dir, args=make_args(), train_dataset=dataset)
+    stats = trainer._data_stats
+    assert stats["data/train_target_level"] > stats["data/train_target_contrast"] > 0
+    assert "mostly move each prompt's completions together" in caplog.text
+    assert "partition_temperature=float('inf')" in caplog.text
+    caplog.clear()
+    options = {"partition_estimator": "monte_carlo", "partition_temperature": math.inf, "logps_aggregation": "sum"}
+    with caplog.at_level(logging.WARNING):
+        trainer = RPOTrainer(model_dir, args=make_args(**options), train_dataset=dataset)
+    assert trainer._data_stats["data/train_target_level"] == pytest.approx(0.0, abs=1e-12)
+    assert "mostly move" not in caplog.text

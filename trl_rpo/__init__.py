@@ -14,12 +14,14 @@ from .losses import (
     RewardStats,
     RPOLossOutput,
     RPOTargets,
+    credibility,
     dro_loss,
     normalize_rewards,
     pairwise_ranking_counts,
     rpo_loss,
     rpo_targets,
     segment_logsumexp,
+    target_level_split,
 )
 from .rpo_config import RPOConfig
 from .rpo_trainer import RPOTrainer
@@ -36,6 +38,7 @@ __all__ = [
     "RPOTrainer",
     "RewardStats",
     "__version__",
+    "credibility",
     "dro_loss",
     "generate_completions",
     "iterate_rpo",
@@ -45,4 +48,5 @@ __all__ = [
     "rpo_targets",
     "score_completions",
     "segment_logsumexp",
+    "target_level_split",
 ]

@@ -340,6 +340,19 @@ def rpo_targets(
     return RPOTargets(targets, values, sparse, keep, float(global_value), k)
 
 
+def target_level_split(targets: Tensor, group_ids: Tensor) -> tuple[float, float]:
+    r"""Root mean squares of the *contrast* ``t_j - tbar_x`` and of the *level* ``tbar_x`` of per-row targets (NaN
+    targets, dropped rows, are left out): how much of what the targets ask is moving a prompt's completions apart,
+    and how much is moving them all together."""
+    kept = ~torch.isnan(targets)
+    t = targets[kept].to(torch.float64)
+    if t.numel() == 0:
+        return math.nan, math.nan
+    _, g = torch.unique(group_ids.to(t.device)[kept], return_inverse=True)
+    level = _segment_mean(t, g, int(g.max()) + 1)[g]
+    return float(((t - level) ** 2).mean().sqrt()), float((level**2).mean().sqrt())
+
+
 def _check_level_options(estimator: str, tau: float, partition_temperature, value_shrinkage: str) -> float:
     """The partition temperature ``tau_Z`` to use (``tau`` unless given); refuses options the estimator lacks."""
     if partition_temperature is None and value_shrinkage == "none":

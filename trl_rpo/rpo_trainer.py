@@ -7,7 +7,7 @@ from accelerate.logging import get_logger
 from datasets import Dataset
 
 from .data import column_numpy, describe_rows
-from .losses import rpo_loss, rpo_targets
+from .losses import rpo_loss, rpo_targets, target_level_split
 from .rewarded_trainer import RewardedCompletionsTrainer, RowMetrics
 from .rpo_config import RPOConfig
 
@@ -16,6 +16,8 @@ logger = get_logger(__name__)
 
 # Beyond this a target's square overflows float32 in the loss: training would produce inf.
 _MAX_TARGET = 1e18
+# Warn when the targets' per-prompt level (RMS) exceeds their within-prompt contrast by this factor.
+_LEVEL_WARNING = 1.0
 
 
 class RPOTrainer(RewardedCompletionsTrainer):
@@ -130,6 +132,8 @@ class RPOTrainer(RewardedCompletionsTrainer):
         self._record_sparse_counts(name, group_ids, targets)
         if self.args.value_shrinkage != "none":
             self._record_credibility(name, group_ids, targets.credibility_k)
+        if is_train:
+            self._record_target_level(group_ids, targets.targets)
         self._refuse_extreme_targets(dataset, name, targets.targets, targets.keep)
         if not targets.keep.any():
             raise ValueError(
@@ -177,6 +181,25 @@ class RPOTrainer(RewardedCompletionsTrainer):
             f"Empirical-Bayes shrinkage of V̂(x) on the {name} dataset: k = {k:.4g}, mean credibility weight "
             f"{mean_weight:.3f} (1: each prompt keeps its own V̂, 0: every prompt gets the pooled V̂_g)."
         )
+
+    def _record_target_level(self, group_ids: torch.Tensor, targets: torch.Tensor) -> None:
+        """Log how much of the training targets moves prompts' completions apart (contrast) or together (level), and
+        warn when the level dominates: the model then spends its steps raising or lowering whole prompts."""
+        contrast, level = target_level_split(targets, group_ids)
+        self._data_stats["data/train_target_contrast"] = contrast
+        self._data_stats["data/train_target_level"] = level
+        if level > _LEVEL_WARNING * contrast:
+            units = "nats per token" if self.args.logps_aggregation == "mean" else "nats"
+            logger.warning(
+                f"The RPO targets of the train dataset mostly move each prompt's completions together (RMS level "
+                f"{level:.3g} against a contrast of {contrast:.3g} {units} between them): training would spend its "
+                "steps raising or lowering whole prompts rather than favouring their better completions, and the "
+                "reward may barely move. This comes from the partition estimate: the empirical one adds "
+                "−log Σ π_ref(y|x) to every row of completions sampled from a model, the Monte-Carlo one with few "
+                "samples per prompt and a small `beta` pushes every worse completion down by ≈ 1/beta. Set "
+                "`partition_estimator='monte_carlo'` with `partition_temperature=float('inf')` (targets are then the "
+                "contrast alone) and `logps_aggregation='sum'`; see docs/loss.md, 'The level of the target'."
+            )
 
     def _loss_from_logps(self, batch, policy_logps: torch.Tensor, outputs) -> tuple[torch.Tensor, RowMetrics]:
         """½·mean((log π_θ − ℓ_ref − t)²), the prompt mean residual weighted by `level_weight`: no reference forward,
