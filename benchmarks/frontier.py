@@ -277,8 +277,8 @@ def sample(model, prompts: list[list[int]], n: int, max_new_tokens: int, eos_ids
     """`n` samples of each prompt at temperature 1 with no truncation, all prompts in one left-padded batch from
     which finished samples leave as they end (so the cost follows the samples' lengths, not the longest one).
 
-    Returns, per sample in prompt order: the new tokens (the EOS excluded), whether it ended with an EOS before
-    `max_new_tokens`, and its log-prob under `model` (summed over the new tokens and the EOS)."""
+    Returns, per sample in prompt order: the new tokens before its end, the end token it sampled (None when it
+    reached `max_new_tokens` first), and its log-prob under `model` (summed over the new tokens and the end token)."""
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     rows = [p for p in prompts for _ in range(n)]
@@ -290,7 +290,7 @@ def sample(model, prompts: list[list[int]], n: int, max_new_tokens: int, eos_ids
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
     cache, logits, position = out.past_key_values, out.logits[:, -1], positions[:, -1] + 1
     alive, eos = torch.arange(len(rows), device=device), torch.tensor(eos_ids, device=device)
-    tokens, finished, logps = [[] for _ in rows], [False] * len(rows), [0.0] * len(rows)
+    tokens, ends, logps = [[] for _ in rows], [None] * len(rows), [0.0] * len(rows)
     for step in range(max_new_tokens):
         log_probs = torch.log_softmax(logits.float(), -1)
         chosen = torch.multinomial(log_probs.exp(), 1, generator=generator).squeeze(-1)
@@ -298,8 +298,9 @@ def sample(model, prompts: list[list[int]], n: int, max_new_tokens: int, eos_ids
         ended = torch.isin(chosen, eos)
         for row, token, logp, end in zip(alive.tolist(), chosen.tolist(), chosen_logps, ended.tolist(), strict=True):
             logps[row] += logp
-            finished[row] = end
-            if not end:
+            if end:
+                ends[row] = token
+            else:
                 tokens[row].append(token)
         if step == max_new_tokens - 1 or ended.all():
             break
@@ -313,15 +314,15 @@ def sample(model, prompts: list[list[int]], n: int, max_new_tokens: int, eos_ids
             use_cache=True,
         )  # fmt: skip
         logits, position = out.logits[:, -1], position + 1
-    return tokens, finished, logps
+    return tokens, ends, logps
 
 
 @torch.no_grad()
-def sequence_logps(model, prompt: list[int], completions: list[list[int]], ends: list[bool], eos: int) -> list[float]:
-    """Summed log-prob under `model` of each completion of one prompt (its EOS included when it has one)."""
-    sequences = [prompt + c + ([eos] if end else []) for c, end in zip(completions, ends, strict=True)]
+def sequence_logps(model, prompt: list[int], completions: list[list[int]], ends: list, pad: int) -> list[float]:
+    """Summed log-prob under `model` of each completion of one prompt, its end token included when it has one."""
+    sequences = [prompt + c + ([] if end is None else [end]) for c, end in zip(completions, ends, strict=True)]
     width = max(map(len, sequences))
-    ids = torch.tensor([s + [eos] * (width - len(s)) for s in sequences])
+    ids = torch.tensor([s + [pad] * (width - len(s)) for s in sequences])
     mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences])
     logits = model(input_ids=ids, attention_mask=mask).logits[:, len(prompt) - 1 : -1].float()
     token_logps = torch.log_softmax(logits, -1).gather(-1, ids[:, len(prompt) :, None]).squeeze(-1)
@@ -338,19 +339,19 @@ def measure(trainer, task: str, held_out: list[dict], args, seed: int) -> dict:
     prompts = [_prompt_ids(tokenizer, row["prompt"]) for row in held_out]
     eos, n = tokenizer.eos_token_id, args.eval_samples
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    tokens, finished, policy = sample(model, prompts, n, args.max_new_tokens, [eos], pad, seed)
+    tokens, ends, policy = sample(model, prompts, n, args.max_new_tokens, [eos], pad, seed)
     rewards, kls = [], []
     for i, (row, prompt) in enumerate(zip(held_out, prompts, strict=True)):
         part = slice(i * n, (i + 1) * n)
         with model.disable_adapter():
-            reference = sequence_logps(model, prompt, tokens[part], finished[part], eos)
+            reference = sequence_logps(model, prompt, tokens[part], ends[part], pad)
         kls.append(statistics.fmean(p - r for p, r in zip(policy[part], reference, strict=True)))
         texts = tokenizer.batch_decode(tokens[part], skip_special_tokens=True)
         rewards.append([task_reward(task, text, row["answer"]) for text in texts])
     prompt_rewards = [statistics.fmean(r) for r in rewards]
     return {
         "reward": statistics.fmean(prompt_rewards), "reward_se": _se(prompt_rewards),
-        "kl": statistics.fmean(kls), "kl_se": _se(kls), "truncated": 1 - statistics.fmean(finished),
+        "kl": statistics.fmean(kls), "kl_se": _se(kls), "truncated": statistics.fmean(end is None for end in ends),
         "prompt_rewards": prompt_rewards, "prompt_kls": kls, "sample_rewards": [x for r in rewards for x in r],
     }  # fmt: skip
 
@@ -377,7 +378,7 @@ def training_fit(trainer, rows: list[dict]) -> dict[str, float]:
         by_prompt.setdefault(tuple(prompt), []).append(i)
     ratios = [0.0] * len(pairs)
     for prompt, members in by_prompt.items():
-        completions, ends = [pairs[i][1] for i in members], [False] * len(members)
+        completions, ends = [pairs[i][1] for i in members], [None] * len(members)  # the rows' own ids, end included
         policy = sequence_logps(model, list(prompt), completions, ends, eos)
         with model.disable_adapter():
             reference = sequence_logps(model, list(prompt), completions, ends, eos)

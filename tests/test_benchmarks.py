@@ -20,13 +20,15 @@ SCALE = SCRIPT.parent / "scale.py"
 METHODS = {"floor", "rpo", "kto", "kto_precomputed", "sft"}
 
 
-def _run_benchmark(script: Path, tmp_path: Path, *args: str, timeout: int = 300) -> None:
-    """Run a benchmark script offline in `tmp_path`, with a private datasets cache; fail on a non-zero exit."""
+def _run_benchmark(script: Path, tmp_path: Path, *args: str, timeout: int = 300) -> str:
+    """Run a benchmark script offline in `tmp_path`, with a private datasets cache; fail on a non-zero exit; return
+    what it printed."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "HF_DATASETS_CACHE": str(tmp_path / "hf")}
     command = [sys.executable, str(script), *args]
     options = {"env": env, "cwd": tmp_path, "capture_output": True, "text": True, "timeout": timeout}
     result = subprocess.run(command, check=False, **options)
     assert result.returncode == 0, result.stderr[-4000:]
+    return result.stdout
 
 
 def test_throughput_quick(tmp_path):
@@ -142,29 +144,38 @@ def _load(path: Path, name: str):
     return module
 
 
-def test_frontier_quick_runs_and_resumes(tmp_path):
+def test_frontier_quick_runs_resumes_and_reports(tmp_path):
     output = tmp_path / "frontier.json"
-    points = "base,rpo_sum_mc_t0.5,kto_b1"
-    _run_benchmark(FRONTIER, tmp_path, "--quick", "--points", points, "--output", str(output), "--no-plot")
+    points = "base,rpo_mc_tzinf_t0.25,rpo_mc_lw0.1_t0.1,kto_rec_b0.3"
+    args = ("--quick", "--tasks", "format,graded", "--points", points, "--output", str(output), "--no-plot")
+    _run_benchmark(FRONTIER, tmp_path, *args)
     runs = json.loads(output.read_text())["runs"]
-    assert {(r["task"], r["point"]) for r in runs} == {
-        (t, p) for t in ("arithmetic", "format") for p in points.split(",")
-    }
+    assert {(r["task"], r["point"]) for r in runs} == {(t, p) for t in ("format", "graded") for p in points.split(",")}
     for run in runs:
         assert math.isfinite(run["kl"])
         assert 0.0 <= run["reward"] <= 1.0
+        assert len(run["prompt_rewards"]) == len(run["prompt_kls"]) == 3  # --quick: 3 held-out prompts
+        assert run["reward"] == pytest.approx(sum(run["prompt_rewards"]) / 3)
+        assert 0.0 <= run["truncated"] <= 1.0
         assert min(run["setup_seconds"], run["train_seconds"]) >= 0
-        assert ("sample_rewards" in run) == (run["point"] == "base")  # 12 rows' worth: the bound's input
+        assert ("sample_rewards" in run) == (run["point"] == "base")  # the bound's input
         moved = abs(run["fit"]["log_ratio_above_mean"]) + abs(run["fit"]["log_ratio_below_mean"])
         assert (moved == 0) == (run["point"] == "base")  # the fit reads the trained adapter against the base
-        assert ("target_r2" in run["fit"]) == (run["method"] == "rpo")
-    _run_benchmark(FRONTIER, tmp_path, "--quick", "--points", points, "--output", str(output), "--no-plot")
+        assert ("target_r2" in run["fit"]) == run["point"].startswith("rpo")
+    level = next(r for r in runs if r["point"] == "rpo_mc_lw0.1_t0.1")
+    assert level["options"]["level_weight"] == 0.1
+    kto = next(r for r in runs if r["point"] == "kto_rec_b0.3")
+    assert kto["options"]["desirable_weight"] > 1  # TRL's recommended weight for the rare desirable rows
+    _run_benchmark(FRONTIER, tmp_path, *args)
     assert json.loads(output.read_text())["runs"] == runs  # a rerun skips the finished runs
+    report = _run_benchmark(FRONTIER, tmp_path, "--report", "--quick", "--output", str(output), "--no-plot")
+    assert "| format | rpo_mc_tzinf_t0.25 |" in report
 
 
-def test_frontier_kl_is_zero_for_an_adapter_that_has_not_moved(model_dir, tmp_path):
-    """The KL estimate reads the policy against the adapter-disabled base: 0 for a fresh LoRA (B = 0), not 0 once the
-    adapter moved; tokens after the first EOS do not count."""
+def test_frontier_samples_and_kl(model_dir):
+    """The sampler's log-probs are the policy's (a full forward over each sample, its EOS included), finished
+    samples leave the batch without changing the others; the KL reads the policy against the adapter-disabled base:
+    0 for a fresh LoRA (B = 0), not 0 once the adapter moved."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -173,23 +184,55 @@ def test_frontier_kl_is_zero_for_an_adapter_that_has_not_moved(model_dir, tmp_pa
     tokenizer.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     model = get_peft_model(
         AutoModelForCausalLM.from_pretrained(model_dir), LoraConfig(r=4, target_modules="all-linear")
-    )
-    trainer = type("Trainer", (), {"model": model, "processing_class": tokenizer})()
+    ).eval()
+    prompts = [tokenizer("1 + 1 =")["input_ids"], tokenizer("a longer prompt, 2 + 2 =")["input_ids"]]
+    eos = [tokenizer.eos_token_id, *range(40, 80)]  # many end tokens: samples of several lengths
+    tokens, ends, logps = frontier.sample(model, prompts, 4, 6, eos, tokenizer.pad_token_id, seed=0)
+    finished = [end is not None for end in ends]
+    assert 0 < sum(finished) < 8
+    for i, (completion, end, logp) in enumerate(zip(tokens, ends, logps, strict=True)):
+        prompt = prompts[i // 4]
+        assert len(completion) + (end is not None) <= 6
+        assert end is None or end in eos
+        assert not set(completion) & set(eos)  # the sample stops at its first end token
+        full = prompt + completion + ([] if end is None else [end])
+        with torch.no_grad():
+            token_logps = torch.log_softmax(model(input_ids=torch.tensor([full])).logits[0].float(), -1)
+        expected = sum(token_logps[p, full[p + 1]].item() for p in range(len(prompt) - 1, len(full) - 1))
+        assert logp == pytest.approx(expected, abs=1e-4)
+        assert frontier.sequence_logps(model, prompt, [completion], [end], 0)[0] == pytest.approx(expected, abs=1e-4)
     held_out = [{"prompt": [{"role": "user", "content": "1 + 1"}], "answer": 2}]
+    trainer = type("Trainer", (), {"model": model, "processing_class": tokenizer})()
     args = frontier.parse_args(["--quick"])
-    assert frontier.measure(trainer, "format", held_out, args, seed=0)["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert frontier.measure(trainer, "format", held_out, args, seed=0)["kl"] == pytest.approx(0.0, abs=1e-5)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.normal_(std=0.5)
     assert abs(frontier.measure(trainer, "format", held_out, args, seed=0)["kl"]) > 1e-3
-    eos = tokenizer.eos_token_id
-    sequences = torch.tensor([[5, 6, 7, eos, 9], [5, 6, 7, 8, 9]])
-    logps = frontier._sequence_logps(model, sequences, sequences[:, 2:], tokenizer)
-    with torch.no_grad():
-        token = torch.log_softmax(model(input_ids=sequences).logits[:, 1:-1].float(), -1)
-        token = token.gather(-1, sequences[:, 2:, None]).squeeze(-1)
-    torch.testing.assert_close(logps, torch.stack([token[0, :2].sum(), token[1].sum()]))
+
+
+def test_frontier_equal_kl_comparison_by_hand():
+    """Curves through the starting model (KL 0, reward 0.1): RPO at (2, 0.5), (4, 0.7); KTO at (2, 0.4), (4, 0.5). At
+    KL 3 RPO reads 0.6 and KTO 0.45: a difference of 0.15; at KL 5 RPO has no point (no extrapolation). Every prompt
+    has the same values, so the bootstrap interval is the estimate itself."""
+    frontier = _load(FRONTIER, "frontier")
+
+    def run(family, point, kl, reward, seed=0):
+        return {"task": "t", "family": family, "point": point, "seed": seed, "lr": frontier.learning_rate(family),
+                "kl": kl, "reward": reward, "prompt_kls": [kl] * 4, "prompt_rewards": [reward] * 4,
+                "sample_rewards": [reward] * 8, "reward_se": 0.0, "setup_seconds": 1.0, "train_seconds": 1.0,
+                "truncated": 0.0}  # fmt: skip
+
+    runs = [run("base", "base", 0.0, 0.1)]
+    runs += [run("rpo_mc_tzinf", f"rpo_mc_tzinf_t{t}", k, r) for t, k, r in ((0.25, 2.0, 0.5), (0.1, 4.0, 0.7))]
+    runs += [run("kto_rec", f"kto_rec_b{b}", k, r) for b, k, r in ((1.0, 2.0, 0.4), (0.1, 4.0, 0.5))]
+    result = frontier.compare(runs, "t", "rpo_mc_tzinf", [1.0, 3.0, 5.0], resamples=20)
+    assert result["difference"][:2] == pytest.approx([0.3 - 0.25, 0.6 - 0.45])
+    assert math.isnan(result["difference"][2])
+    assert result["ci_low"][:2] == pytest.approx(result["difference"][:2])
+    assert result["ci_high"][:2] == pytest.approx(result["difference"][:2])
+    assert frontier.recommended_desirable_weight([True, False, False, False, False]) == pytest.approx(4 * 7 / 6, 1e-3)
 
 
 def test_frontier_upper_bound_is_the_binary_kl_curve():
@@ -213,8 +256,15 @@ def test_frontier_rewards():
     frontier = _load(FRONTIER, "frontier")
     assert frontier.task_reward("format", "It is 4.", 4) == 1.0
     assert frontier.task_reward("format", [{"role": "assistant", "content": "4"}], 4) == 0.0
+    assert frontier.task_reward("format", "One two three four five six seven eight nine ten eleven twelve.", 4) == 1.0
+    assert frontier.task_reward("format", "One two three four five six seven eight nine ten eleven 12 13.", 4) == 0.0
     assert frontier.task_reward("arithmetic", "4", 4) == 1.0
+    # graded: ½ arithmetic + ½ (1 − words/30): "It is 4." is right in 3 words
+    assert frontier.task_reward("graded", "It is 4.", 4) == pytest.approx(0.5 + 0.5 * (1 - 3 / 30))
+    assert frontier.task_reward("graded", "no " * 40, 4) == 0.0
     kto = frontier.training_columns(
         "kto", [{"prompt": "p", "completion": c, "reward": r} for c, r in (("a", 1), ("b", 0))]
     )
     assert kto["label"] == [True, False]
+    assert len(frontier.held_out_problems()) == 52
+    assert not set(frontier.held_out_problems()) & set(frontier.train_problems())
