@@ -92,6 +92,7 @@ def test_choices_are_typed_and_match_the_losses_module():
     assert RPOConfig.literal_choices() == shared | {
         "partition_estimator": losses.ESTIMATORS,
         "sparse_prompt_strategy": losses.SPARSE_PROMPT_STRATEGIES,
+        "value_shrinkage": losses.VALUE_SHRINKAGES,
         "loss_type": ("rpo",),
     }
     assert DROConfig.literal_choices() == shared | {"value_model_type": ("shared", "separate"), "loss_type": ("dro",)}
@@ -99,7 +100,12 @@ def test_choices_are_typed_and_match_the_losses_module():
 
 @pytest.mark.parametrize(
     ("config", "name"),
-    [("RPOConfig", "partition_estimator"), ("RPOConfig", "loss_type"), ("DROConfig", "value_model_type")],
+    [
+        ("RPOConfig", "partition_estimator"),
+        ("RPOConfig", "value_shrinkage"),
+        ("RPOConfig", "loss_type"),
+        ("DROConfig", "value_model_type"),
+    ],
 )
 def test_each_typed_choice_is_validated(tmp_path, config, name):
     import trl_rpo
