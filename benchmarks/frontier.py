@@ -366,6 +366,9 @@ def _prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+_REFERENCE_LOGPS: dict[tuple, float] = {}  # (prompt ids, completion ids) -> log π_ref, filled by `training_fit`
+
+
 @torch.no_grad()
 def training_fit(trainer, rows: list[dict]) -> dict[str, float]:
     """How training moved the summed log π/π_ref of its own rows, for those above and below the rows' mean reward
@@ -381,10 +384,12 @@ def training_fit(trainer, rows: list[dict]) -> dict[str, float]:
     for prompt, members in by_prompt.items():
         completions, ends = [pairs[i][1] for i in members], [None] * len(members)  # the rows' own ids, end included
         policy = sequence_logps(model, list(prompt), completions, ends, eos)
-        with model.disable_adapter():
-            reference = sequence_logps(model, list(prompt), completions, ends, eos)
-        for i, p, r in zip(members, policy, reference, strict=True):
-            ratios[i] = p - r
+        keys = [(prompt, tuple(c)) for c in completions]
+        if not all(key in _REFERENCE_LOGPS for key in keys):  # the base model's: the same in every run of a process
+            with model.disable_adapter():
+                _REFERENCE_LOGPS.update(zip(keys, sequence_logps(model, list(prompt), completions, ends, eos)))
+        for i, p, key in zip(members, policy, keys, strict=True):
+            ratios[i] = p - _REFERENCE_LOGPS[key]
     lengths = [len(c) for _, c in pairs]
     mean_reward = statistics.fmean(r["reward"] for r in rows)
     above = [r["reward"] > mean_reward for r in rows]
