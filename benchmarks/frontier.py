@@ -387,7 +387,8 @@ def training_fit(trainer, rows: list[dict]) -> dict[str, float]:
         keys = [(prompt, tuple(c)) for c in completions]
         if not all(key in _REFERENCE_LOGPS for key in keys):  # the base model's: the same in every run of a process
             with model.disable_adapter():
-                _REFERENCE_LOGPS.update(zip(keys, sequence_logps(model, list(prompt), completions, ends, eos)))
+                reference = sequence_logps(model, list(prompt), completions, ends, eos)
+            _REFERENCE_LOGPS.update(zip(keys, reference, strict=True))
         for i, p, key in zip(members, policy, keys, strict=True):
             ratios[i] = p - _REFERENCE_LOGPS[key]
     lengths = [len(c) for _, c in pairs]
