@@ -95,8 +95,10 @@ def test_first_logged_loss_is_half_mean_squared_target(
     assert first["data/train_sparse_prompts"] == 1.0
 
 
-def test_training_converges_to_the_softmax_over_completions(model_dir, tokenizer, make_args):
-    """Empirical partition + summed log-probs: the optimum is π(y_i|x) = softmax_j(ℓ_ref,j + r_j/τ)_i."""
+@pytest.mark.parametrize("level_weight", [1.0, 0.1])
+def test_training_converges_to_the_softmax_over_completions(model_dir, tokenizer, make_args, level_weight):
+    """Empirical partition + summed log-probs: the optimum is π(y_i|x) = softmax_j(ℓ_ref,j + r_j/τ)_i, with the plain
+    loss and with the level-weighted one (λ = 0.1, whole prompts per batch), whose minimum is the same."""
     rows = {
         "prompt": ["1 + 2 ="] * 3 + ["4 + 4 ="] * 3,
         "completion": [" 3", " 4", " 5", " 8", " 7", " 9"],
@@ -114,6 +116,8 @@ def test_training_converges_to_the_softmax_over_completions(model_dir, tokenizer
         logps_aggregation="sum",
         partition_estimator="empirical",
         reward_normalization="none",
+        level_weight=level_weight,
+        train_sampling_strategy="group_by_prompt",
     )
     from trl_rpo import RPOTrainer
 
