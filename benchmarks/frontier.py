@@ -78,7 +78,8 @@ FAMILIES = {
     "kto_rec": ("kto", {"desirable_weight": "recommended"}, (0.1, 0.3, 1.0)),  # TRL's recommended weights
     "kto_time": ("kto", {"desirable_weight": "recommended", "max_steps": "one third"}, (0.1, 0.3, 1.0)),
     "rpo_defaults": ("rpo", {}, (5.0,)),  # the authors' settings: mean log-probs, empirical partition, τ 5
-    "rpo_mc": ("rpo", SUM_MC, (1.0, 0.25, 0.1)),  # the Monte-Carlo partition (τ_Z = τ)
+    "rpo_mc": ("rpo", SUM_MC, (1.0, 0.25, 0.1, 0.05, 0.025)),  # the Monte-Carlo partition (τ_Z = τ)
+    "rpo_mc_eb": ("rpo", SUM_MC | {"value_shrinkage": "empirical_bayes"}, (0.25, 0.1, 0.05)),
     "rpo_mc_tzinf": ("rpo", SUM_MC | {"partition_temperature": math.inf}, (0.5, 0.25, 0.1, 0.05)),
     "rpo_mc_tz1": ("rpo", SUM_MC | {"partition_temperature": 1.0}, (0.25, 0.1, 0.05)),
     "rpo_mc_tzinf_eb": (
@@ -99,7 +100,9 @@ FAMILIES = {
 LEARNING_RATES = {"kto": 5e-4, "kto_rec": 5e-4, "rpo_defaults": 1e-3, "rpo_mc": 1e-3, "rpo_none": 5e-4}
 PARENT = {"kto_time": "kto_rec", "rpo_mc_tz1": "rpo_mc", "rpo_mc_lw0.1": "rpo_mc"}
 KTO_FAMILIES = ("kto", "kto_rec", "kto_time")
-PARTITIONED = ("rpo_mc", "rpo_mc_tzinf", "rpo_mc_tz1", "rpo_mc_tzinf_eb", "rpo_mc_lw0.1", "rpo_mc_tzinf_lw0.1")
+PARTITIONED = (
+    "rpo_mc", "rpo_mc_eb", "rpo_mc_tzinf", "rpo_mc_tz1", "rpo_mc_tzinf_eb", "rpo_mc_lw0.1", "rpo_mc_tzinf_lw0.1",
+)  # fmt: skip
 
 
 def point_name(family: str, value: float) -> str:
