@@ -85,7 +85,7 @@ FAMILIES = {
     "rpo_mc_tzinf_eb": (
         "rpo",
         SUM_MC | {"partition_temperature": math.inf, "value_shrinkage": "empirical_bayes"},
-        (0.5, 0.25, 0.1, 0.05),
+        (0.5, 0.25, 0.1, 0.05, 0.025),
     ),
     "rpo_mc_lw0.1": ("rpo", SUM_MC | GROUPED | {"level_weight": 0.1}, (0.25, 0.1, 0.05)),
     "rpo_mc_tzinf_lw0.1": (
@@ -128,7 +128,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tasks", default="format")
     p.add_argument("--points", default="base", help=f"comma-separated, among {list(POINTS)}; or family names")
-    p.add_argument("--seeds", default="1", help="a count (seeds 0..n-1) or a comma-separated list")
+    p.add_argument("--seeds", default="1", help="a count n ≥ 1 (seeds 0..n-1) or a list: `0,` is seed 0 alone")
     p.add_argument("--lrs", default=None, help="learning rates to run (default: each family's LEARNING_RATES)")
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--batch", type=int, default=6)
@@ -144,7 +144,9 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.tasks = args.tasks.split(",")
     args.points = [q for name in args.points.split(",") for q in _expand(name, p)]
-    args.seeds = list(range(int(args.seeds))) if args.seeds.isdigit() else [int(s) for s in args.seeds.split(",")]
+    args.seeds = list(range(int(args.seeds))) if args.seeds.isdigit() else [int(s) for s in args.seeds.split(",") if s]
+    if not args.seeds:  # `--seeds 0` is a count of none: a sweep that runs nothing must not look finished
+        p.error("--seeds 0 runs nothing: give a count ≥ 1 (seeds 0..n-1) or a list (`0,` for seed 0 alone)")
     args.lrs = [float(x) for x in args.lrs.split(",")] if args.lrs else None
     if set(args.tasks) - set(TASKS):
         p.error(f"unknown tasks {sorted(set(args.tasks) - set(TASKS))}; choose among {TASKS}")

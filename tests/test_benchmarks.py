@@ -268,3 +268,13 @@ def test_frontier_rewards():
     assert kto["label"] == [True, False]
     assert len(frontier.held_out_problems()) == 52
     assert not set(frontier.held_out_problems()) & set(frontier.train_problems())
+
+
+def test_frontier_seeds_a_count_or_a_list_and_never_none():
+    """`--seeds 0` once ran a sweep of no runs that exited 0: a count of none is refused, a list may name seed 0."""
+    frontier = _load(FRONTIER, "frontier")
+    assert frontier.parse_args(["--seeds", "3"]).seeds == [0, 1, 2]
+    assert frontier.parse_args(["--seeds", "0,"]).seeds == [0]
+    assert frontier.parse_args(["--seeds", "1,2"]).seeds == [1, 2]
+    with pytest.raises(SystemExit):
+        frontier.parse_args(["--seeds", "0"])
