@@ -450,9 +450,9 @@ def test_pairwise_ranking_counts():
     r = _t([1.0, 2.0, 2.0, 5.0, 3.0, 7.0, 0.0, 1.0])
     s = _t([0.1, 0.5, 0.3, -1.0, 2.0, 9.0, 0.7, 0.7])
     # group 0: (0,1) ok, (0,2) ok, (1,2) reward tie -> excluded; group 1: (3,4) reversed -> wrong;
-    # group 2: single row; group 3: implicit-reward tie -> wrong. Cross-group pairs such as (0,5) never count.
+    # group 2: single row; group 3: implicit-reward tie -> half. Cross-group pairs such as (0,5) never count.
     correct, total = losses.pairwise_ranking_counts(s, r, g)
-    assert (correct.item(), total.item()) == (2.0, 4.0)
+    assert (correct.item(), total.item()) == (2.5, 4.0)
     assert correct.dim() == 0
     assert correct.is_floating_point()
 
@@ -471,9 +471,23 @@ def test_pairwise_ranking_counts_match_a_double_loop_in_chunks(monkeypatch):
         for j in range(i + 1, g.numel()):
             if g[i] == g[j] and r[i] != r[j]:
                 total += 1
-                correct += int(torch.sign(s[i] - s[j]) == torch.sign(r[i] - r[j]))
+                correct += 0.5 if s[i] == s[j] else int(torch.sign(s[i] - s[j]) == torch.sign(r[i] - r[j]))
     assert total > 20
     assert tuple(c.item() for c in losses.pairwise_ranking_counts(s, r, g)) == (correct, total)
+
+
+def test_pairwise_ranking_ties_are_stated_not_left_to_float_noise():
+    """An untrained policy (log-ratios 0, or ±1e-7 from another summation order) scores exactly ½: a tie counts
+    half. Float-noise reward ties (0.1 + 0.2 against 0.3) are no order and are not counted; a real order is."""
+    g = torch.zeros(4, dtype=torch.long)
+    r = torch.tensor([0.1 + 0.2, 0.3, 1.0, 2.0], dtype=torch.float64)
+    pairs = 5  # 6 pairs, less the float-noise reward tie (0, 1)
+    for s in (torch.zeros(4), torch.tensor([1e-7, -1e-7, 5e-8, -3e-8])):
+        assert [c.item() for c in losses.pairwise_ranking_counts(s, r, g)] == [pairs / 2, pairs]
+    s = torch.tensor([0.0, 0.0, 2e-4, 4e-4])  # beyond the tolerance: ordered like the rewards
+    assert [c.item() for c in losses.pairwise_ranking_counts(s, r, g)] == [pairs, pairs]
+    correct, _ = losses.pairwise_ranking_counts(-s, r, g)
+    assert correct.item() == 0.0  # and reversed: all wrong, so a wrong sign cannot hide behind the ties
 
 
 # 11. light import --------------------------------------------------------------------------------------------------

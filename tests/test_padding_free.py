@@ -135,6 +135,21 @@ def test_padding_free_trains_like_padded(model_dir, make_args):
         torch.testing.assert_close(free_adapter[name], param, rtol=1e-3, atol=1e-5, msg=name)
 
 
+def test_untrained_ranking_accuracy_is_one_half_either_way(model_dir, make_args):
+    """The adapter has not moved, so every log-ratio is 0 up to float noise that differs between the layouts: the
+    ranking accuracy is a tie everywhere, ½ in both (it was 0 padded and 0.33 padding-free when a tie counted as
+    wrong); once the adapter moves, both layouts give the same non-tied value."""
+    dataset = Dataset.from_dict(mixed_length_rows())
+    untrained, lifted = [], []
+    for flag in (False, True):
+        trainer = _trainer(model_dir, make_args, dataset, flag, keep_ref_model=True)
+        untrained.append(trainer.evaluate(dataset)["eval_rewards/accuracies"])
+        _lift_adapter(trainer)
+        lifted.append(trainer.evaluate(dataset)["eval_rewards/accuracies"])
+    assert untrained == [0.5, 0.5]
+    assert lifted[0] == lifted[1] != 0.5
+
+
 def test_rows_of_one_sequence_do_not_see_each_other(model_dir, make_args):
     """The equality above would fail if attention crossed rows: here a packed forward without position ids (one
     long causal sequence) gives other log-probs for every row but the first."""

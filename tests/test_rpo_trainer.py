@@ -350,7 +350,7 @@ def test_explicit_ref_model_is_released_after_the_target_pass(model_dir, make_ar
 
 def test_eval_accuracy_ranks_every_pair_of_the_split(model_dir, make_args, reward_dataset):
     """With an eval batch of one row, no pair shares a batch; the metric still ranks every within-prompt pair with
-    different rewards (2 per prompt here: the two near misses tie), so it moves in steps of 1/8, and equals the value
+    different rewards (2 per prompt here: the two near misses tie), so it moves in steps of 1/16 (a tie counts ½), and equals the value
     of a single batch holding the whole split."""
     accuracies = []
     for batch_size in (12, 1):
@@ -358,5 +358,5 @@ def test_eval_accuracy_ranks_every_pair_of_the_split(model_dir, make_args, rewar
         trainer = RPOTrainer(model_dir, ref_model=_halved(model_dir), args=args, train_dataset=reward_dataset)
         accuracies.append(trainer.evaluate(reward_dataset)["eval_rewards/accuracies"])  # absent if no pair is seen
     assert accuracies[1] == accuracies[0]
-    assert (8 * accuracies[0]) == pytest.approx(round(8 * accuracies[0]))
+    assert (16 * accuracies[0]) == pytest.approx(round(16 * accuracies[0]))
     assert 0 < accuracies[0] < 1  # a reference unlike the policy orders some pairs right and some wrong

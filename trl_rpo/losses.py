@@ -63,6 +63,9 @@ LOGPS_AGGREGATIONS = ("mean", "sum")
 # A std this small relative to the mean is rounding noise of a constant column, not signal.
 _CONSTANT_RTOL = 1e-12
 # Pair comparisons held in memory at once by `pairwise_ranking_counts` (booleans and floats: ~100 MB).
+# Implicit rewards closer than this are a tie in `pairwise_ranking_counts`: 1e-4 nats is a probability ratio of
+# 1.0001, far below any preference, and far above the float32 noise between two computations of the same log-ratio.
+RANKING_TIE_TOLERANCE = 1e-4
 _PAIR_CHUNK = 1 << 22
 
 
@@ -487,12 +490,17 @@ def dro_loss(
     return DROLossOutput(0.5 * residuals**2, log_ratios.detach(), residuals.detach())
 
 
-def pairwise_ranking_counts(implicit_rewards: Tensor, rewards: Tensor, group_ids: Tensor) -> tuple[Tensor, Tensor]:
-    r"""``(correct, total)`` over same-group pairs ``i < j`` with ``r_i != r_j``.
+def pairwise_ranking_counts(
+    implicit_rewards: Tensor, rewards: Tensor, group_ids: Tensor, tie_tolerance: float = RANKING_TIE_TOLERANCE
+) -> tuple[Tensor, Tensor]:
+    r"""``(correct, total)`` over same-group pairs ``i < j`` whose rewards differ.
 
-    A pair is correct when ``sign(s_i - s_j) = sign(r_i - r_j)`` for the implicit rewards ``s``; a tie in ``s``
-    is wrong. Returns 0-dim float32 tensors (summable across processes before dividing). Memory grows with the
-    pairs inside groups, not with the square of the rows: groups of one size are compared together, in chunks.
+    A pair counts 1 when ``sign(s_i - s_j) = sign(r_i - r_j)`` for the implicit rewards ``s``, and ½ when
+    ``|s_i - s_j| <= tie_tolerance`` — a tie is no order, as in the AUC, so an untrained policy scores exactly ½
+    however float noise tilts its log-ratios. Rewards tie when ``torch.isclose`` says so (``0.1 + 0.2`` and
+    ``0.3``); such pairs have no order to get right and are not counted. Returns 0-dim float32 tensors (summable
+    across processes before dividing). Memory grows with the pairs inside groups, not with the square of the rows:
+    groups of one size are compared together, in chunks.
     """
     s = implicit_rewards.detach()
     r, g = rewards.detach().to(s.device), group_ids.to(s.device)
@@ -500,6 +508,26 @@ def pairwise_ranking_counts(implicit_rewards: Tensor, rewards: Tensor, group_ids
     total = torch.zeros_like(correct)
     if s.numel() == 0:
         return correct, total
+    _, dense, counts = torch.unique(g, return_inverse=True, return_counts=True)
+    size = counts[dense]
+    order = torch.argsort(size * counts.numel() + dense)  # rows by group size, then group: each group contiguous
+    s, r, size = s[order], r[order], size[order]
+    for k in torch.unique(size).tolist():
+        if k < 2:
+            continue
+        same_size = size == k
+        scores, targets = s[same_size].view(-1, k), r[same_size].view(-1, k)
+        upper = torch.ones(k, k, dtype=torch.bool, device=s.device).triu(diagonal=1)
+        step = max(1, _PAIR_CHUNK // (k * k))
+        for start in range(0, scores.size(0), step):
+            chunk_s, chunk_r = scores[start : start + step], targets[start : start + step]
+            d_s = chunk_s[:, :, None] - chunk_s[:, None, :]
+            d_r = chunk_r[:, :, None] - chunk_r[:, None, :]
+            valid = upper & ~torch.isclose(chunk_r[:, :, None], chunk_r[:, None, :])
+            tie = d_s.abs() <= tie_tolerance
+            correct += (valid & ~tie & (torch.sign(d_s) == torch.sign(d_r))).sum() + 0.5 * (valid & tie).sum()
+            total += valid.sum()
+    return correct, total
     _, dense, counts = torch.unique(g, return_inverse=True, return_counts=True)
     size = counts[dense]
     order = torch.argsort(size * counts.numel() + dense)  # rows by group size, then group: each group contiguous
