@@ -21,7 +21,7 @@ def _cached(make_args, **kwargs):
 def _cache_files(tmp_path) -> list[str]:
     """The cache files in this test's own `datasets` cache (conftest points it at `tmp_path`)."""
     folder = tmp_path / "hf_datasets_cache" / "trl_rpo"
-    return sorted(name for name in os.listdir(folder) if name.endswith(".pt")) if folder.exists() else []
+    return sorted(name for name in os.listdir(folder) if name.endswith(".safetensors")) if folder.exists() else []
 
 
 def _ref_logps(trainer) -> list[float]:
@@ -115,19 +115,77 @@ def test_log_line_says_hit_or_miss_and_where(model_dir, make_args, reward_datase
 
 
 def test_writes_are_atomic(tmp_path, monkeypatch):
-    path = str(tmp_path / "cache" / "key.pt")
-    reference_cache.save(path, {"sum_logps": torch.ones(3)})
-    assert os.listdir(tmp_path / "cache") == ["key.pt"]  # no temporary file left behind
+    path = str(tmp_path / "cache" / "key.safetensors")
+    rows = {"sum_logps": -torch.ones(3), "num_tokens": torch.tensor([1, 2, 3])}
+    reference_cache.save(path, rows)
+    assert os.listdir(tmp_path / "cache") == ["key.safetensors"]  # no temporary file left behind
 
-    def crash(obj, f):
-        f.write(b"half a file")
+    def crash(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"half a file")
         raise OSError("disk full")
 
-    monkeypatch.setattr(torch, "save", crash)
+    monkeypatch.setattr(reference_cache, "save_file", crash)
     with pytest.raises(OSError, match="disk full"):
-        reference_cache.save(str(tmp_path / "cache" / "other.pt"), {"sum_logps": torch.ones(3)})
-    assert os.listdir(tmp_path / "cache") == ["key.pt"]  # the interrupted write left neither file nor temp
-    torch.testing.assert_close(reference_cache.load(path)["sum_logps"], torch.ones(3))
+        reference_cache.save(str(tmp_path / "cache" / "other.safetensors"), rows)
+    assert os.listdir(tmp_path / "cache") == ["key.safetensors"]  # the interrupted write left neither file nor temp
+    torch.testing.assert_close(reference_cache.load(path, 3)["sum_logps"], -torch.ones(3))
+
+
+def _damage(path: str, how: str) -> None:
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(data[: len(data) // 2] if how == "truncated" else os.urandom(len(data)))
+
+
+@pytest.mark.parametrize("how", ["truncated", "random bytes"])
+def test_a_damaged_file_is_named_and_recomputed(model_dir, make_args, reward_dataset, tmp_path, caplog, how):
+    """A cache file cut short or overwritten is never used and never a library's exception: the trainer says which
+    file is damaged, runs the reference pass again, gets the values a fresh pass gets and rewrites the file."""
+    first = RPOTrainer(model_dir, args=_cached(make_args), train_dataset=reward_dataset)
+    (name,) = _cache_files(tmp_path)
+    path = str(tmp_path / "hf_datasets_cache" / "trl_rpo" / name)
+    _damage(path, how)
+    with caplog.at_level(logging.WARNING, logger="trl_rpo"):
+        second = RPOTrainer(model_dir, args=_cached(make_args), train_dataset=reward_dataset)
+    assert f"cache file {path} is damaged" in caplog.text
+    assert second.target_pass_log["train"] == {"cache": "miss", "rows_scored_here": 12}
+    assert _ref_logps(second) == pytest.approx(_ref_logps(first), abs=1e-6)
+    assert reference_cache.load(path, 12) is not None  # rewritten whole
+
+
+@pytest.mark.parametrize(
+    ("tensors", "reason"),
+    [
+        ({"sum_logps": -torch.ones(4), "num_tokens": torch.ones(4, dtype=torch.long)}, "shape"),  # another split's
+        ({"sum_logps": -torch.ones(3)}, "tensors"),
+        ({"sum_logps": torch.tensor([-1.0, 0.5, -2.0]), "num_tokens": torch.ones(3, dtype=torch.long)}, "above 0"),
+        (
+            {"sum_logps": torch.tensor([-1.0, float("nan"), -2.0]), "num_tokens": torch.ones(3, dtype=torch.long)},
+            "not finite",
+        ),
+        ({"sum_logps": -torch.ones(3), "num_tokens": torch.tensor([1.0, 2.5, 3.0])}, "whole non-negative"),
+        ({"sum_logps": -torch.ones(3), "num_tokens": torch.tensor([1.0, -2.0, 3.0])}, "whole non-negative"),
+    ],
+)
+def test_content_that_cannot_be_these_rows_logps_is_refused(tmp_path, caplog, tensors, reason):
+    path = str(tmp_path / "key.safetensors")
+    reference_cache.save(path, tensors)
+    with caplog.at_level(logging.WARNING, logger="trl_rpo"):
+        assert reference_cache.load(path, 3) is None
+    assert reason in caplog.text
+    assert path in caplog.text
+
+
+def test_another_version_is_not_read(tmp_path, caplog):
+    from safetensors.torch import save_file
+
+    path = str(tmp_path / "key.safetensors")
+    save_file({"sum_logps": -torch.ones(3), "num_tokens": torch.ones(3, dtype=torch.long)}, path)  # no version
+    with caplog.at_level(logging.WARNING, logger="trl_rpo"):
+        assert reference_cache.load(path, 3) is None
+    assert "version None" in caplog.text
 
 
 def test_weights_digest_sees_one_changed_weight(model_dir):

@@ -350,8 +350,8 @@ def test_explicit_ref_model_is_released_after_the_target_pass(model_dir, make_ar
 
 def test_eval_accuracy_ranks_every_pair_of_the_split(model_dir, make_args, reward_dataset):
     """With an eval batch of one row, no pair shares a batch; the metric still ranks every within-prompt pair with
-    different rewards (2 per prompt here: the two near misses tie), so it moves in steps of 1/16 (a tie counts ½), and equals the value
-    of a single batch holding the whole split."""
+    different rewards (2 per prompt here: the two near misses tie), so it moves in steps of 1/16 (a tie counts ½),
+    and equals the value of a single batch holding the whole split."""
     accuracies = []
     for batch_size in (12, 1):
         args = make_args(per_device_eval_batch_size=batch_size, keep_ref_model=True)

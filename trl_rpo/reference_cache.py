@@ -21,10 +21,15 @@ import tempfile
 from collections.abc import Callable, Iterator
 
 import torch
+from accelerate.logging import get_logger
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 
-CACHE_VERSION = "trl_rpo-reference-logps-v2"
+logger = get_logger(__name__)
+
+CACHE_VERSION = "trl_rpo-reference-logps-v3"  # v3: safetensors, validated on read
 _SAMPLE = 1024
 _CHUNK = 1 << 22
 _CONFIG_IGNORED = ("_name_or_path", "transformers_version", "_commit_hash")
@@ -78,20 +83,58 @@ def cache_key(**parts) -> str:
     return hashlib.blake2b(payload.encode(), digest_size=20).hexdigest()
 
 
-def load(path: str) -> dict[str, torch.Tensor] | None:
+CACHE_SUFFIX = ".safetensors"
+
+
+def load(path: str, num_rows: int) -> dict[str, torch.Tensor] | None:
+    """The cached `sum_logps` and `num_tokens` of `num_rows` rows, or None when there is no file or it is damaged.
+
+    The file is validated before use: a safetensors file of this cache version with exactly the two tensors, one
+    value per row, finite log-prob sums that are at most 0 and whole, non-negative token counts. A file that fails
+    (truncated, overwritten, from another program) is reported with the file and the reason and recomputed: a
+    damaged cache costs one reference pass, never wrong targets.
+    """
     if not os.path.exists(path):
         return None
-    return torch.load(path, weights_only=True)
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (a safe_open handle, not a dict)
+    except (SafetensorError, OSError, ValueError) as error:  # a cut or foreign header, unreadable bytes
+        return _damaged(path, f"not a readable safetensors file ({type(error).__name__}: {error})")
+    problem = _problem(tensors, metadata, num_rows)
+    return _damaged(path, problem) if problem else tensors
+
+
+def _problem(tensors: dict[str, torch.Tensor], metadata: dict[str, str], num_rows: int) -> str | None:
+    if metadata.get("version") != CACHE_VERSION:
+        return f"version {metadata.get('version')!r}, expected {CACHE_VERSION!r}"
+    if sorted(tensors) != ["num_tokens", "sum_logps"]:
+        return f"tensors {sorted(tensors)}, expected ['num_tokens', 'sum_logps']"
+    for key, tensor in tensors.items():
+        if tensor.shape != (num_rows,):
+            return f"`{key}` has shape {tuple(tensor.shape)}, expected ({num_rows},): one value per row"
+    sum_logps, num_tokens = tensors["sum_logps"], tensors["num_tokens"]
+    if not (torch.isfinite(sum_logps).all() and (sum_logps <= 0).all()):
+        return "`sum_logps` holds values that are not finite or above 0, which no log-probability sum can be"
+    if not (torch.isfinite(num_tokens).all() and (num_tokens >= 0).all() and (num_tokens == num_tokens.round()).all()):
+        return "`num_tokens` holds values that are not whole non-negative numbers, which no token count can be"
+    return None
+
+
+def _damaged(path: str, reason: str) -> None:
+    logger.warning(f"The reference log-prob cache file {path} is damaged ({reason}): recomputing it.")
 
 
 def save(path: str, tensors: dict[str, torch.Tensor]) -> None:
     """Write atomically: to a temporary file in the same folder, then rename, so a reader never sees half a file."""
     folder = os.path.dirname(path)
     os.makedirs(folder, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+    handle, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=CACHE_SUFFIX, dir=folder)
+    os.close(handle)
     try:
-        with os.fdopen(handle, "wb") as f:
-            torch.save(tensors, f)
+        tensors = {key: value.detach().cpu().contiguous() for key, value in tensors.items()}
+        save_file(tensors, tmp, metadata={"version": CACHE_VERSION})
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

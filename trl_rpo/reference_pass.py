@@ -46,7 +46,7 @@ class ReferencePassMixin:
         cache_file = self._cache_file(dataset, model) if self.args.cache_ref_log_probs else None
         cached = [None]
         if cache_file is not None and self.accelerator.is_main_process:
-            cached[0] = reference_cache.load(cache_file)
+            cached[0] = reference_cache.load(cache_file, len(dataset))
         broadcast_object_list(cached, from_process=0)  # one decision for all ranks, even without a shared disk
         if cached[0] is not None:
             log["cache"] = "hit"
@@ -104,7 +104,7 @@ class ReferencePassMixin:
         self.model = self.model_wrapped = model
 
     def _cache_file(self, dataset: Dataset, model: torch.nn.Module) -> str:
-        """`<cache dir>/<key>.pt`, the key digesting all that determines ℓ_ref (see `trl_rpo.reference_cache`)."""
+        """`<cache dir>/<key>.safetensors`, the key digesting all that determines ℓ_ref (`trl_rpo.reference_cache`)."""
         if self._ref_weights_digest is None:
             # Under PEFT the reference is the frozen part (base, and a frozen "ref" adapter); else every weight.
             unwrapped = self.accelerator.unwrap_model(model)
@@ -124,7 +124,7 @@ class ReferencePassMixin:
         )
         key = [key]
         broadcast_object_list(key, from_process=0)
-        return os.path.join(_cache_dir(dataset), f"{key[0]}.pt")
+        return os.path.join(_cache_dir(dataset), key[0] + reference_cache.CACHE_SUFFIX)
 
     def _reference_pass(
         self, model: torch.nn.Module, dataset: Dataset, name: str, batch_size: int
