@@ -190,6 +190,51 @@ def test_an_interrupted_run_resumes_where_it_stopped(model_dir, tmp_path, genera
     assert generate_calls == []
 
 
+@pytest.mark.parametrize("damage", ["random bytes", "truncated", "foreign rows"])
+def test_a_damaged_shard_is_counted_and_its_prompts_sampled_again(model_dir, tmp_path, generate_calls, caplog, damage):
+    """Shard lines that are not whole samples of these prompts — random bytes, a file cut mid-way, valid JSON of
+    another run (a wrong prompt index, another prompt's text) — are never merged: they are counted in a warning that
+    names the shard, and only their prompts are sampled again."""
+    prompts = Dataset.from_dict({"prompt": [f"{i} + {i} =" for i in range(4)]})
+    out = tmp_path / "out"
+    settings = {"model": model_dir, "output_dir": out, "num_generations": 2, **FAST}
+    first = generate_completions(prompts, **settings).to_list()
+    shard = out / "shards" / "rank-0.jsonl"
+    lines = shard.read_bytes().splitlines(keepends=True)
+    if damage == "random bytes":  # prompt 1's two samples overwritten
+        shard.write_bytes(b"".join(lines[:2]) + os.urandom(300) + b"\n" + b"".join(lines[4:]))
+        resampled = ["1 + 1 ="]
+    elif damage == "truncated":  # cut inside prompt 2's first sample
+        shard.write_bytes(b"".join(lines[:4]) + lines[4][:25])
+        resampled = ["2 + 2 =", "3 + 3 ="]
+    else:  # prompt 3's rows claim another prompt's index, and another text under prompt 0's
+        moved = [json.dumps({**json.loads(line), "prompt_index": 9}).encode() + b"\n" for line in lines[6:]]
+        renamed = [json.dumps({**json.loads(line), "prompt": "7 + 7 ="}).encode() + b"\n" for line in lines[:2]]
+        shard.write_bytes(b"".join(renamed + lines[2:6] + moved))
+        resampled = ["0 + 0 =", "3 + 3 ="]
+    (out / "completions.jsonl").unlink()
+    generate_calls.clear()
+    with caplog.at_level(logging.WARNING, logger="trl_rpo"):
+        rows = generate_completions(prompts, **settings).to_list()
+    assert f"damaged line(s) of {shard}" in caplog.text
+    assert _prompts_seen(generate_calls, AutoTokenizer.from_pretrained(model_dir)) == resampled
+    assert [(r["prompt"], r["prompt_index"], r["sample_index"]) for r in rows] == [
+        (f"{p} + {p} =", p, s) for p in range(4) for s in range(2)
+    ]
+    kept = [p for p in range(4) if f"{p} + {p} =" not in resampled]
+    assert [r for r in rows if r["prompt_index"] in kept] == [r for r in first if r["prompt_index"] in kept]
+
+
+@pytest.mark.parametrize("damage", [b'{"temperature": 1.0, "see', b"\xff\xfe\x00 not text", b"[1, 2]"])
+def test_a_damaged_record_stops_with_the_file_and_the_fix(model_dir, tmp_path, damage):
+    settings = {"model": model_dir, "output_dir": tmp_path / "out", "num_generations": 2, **FAST}
+    generate_completions(Dataset.from_dict(PROMPTS), **settings)
+    record = tmp_path / "out" / "generation_config.json"
+    record.write_bytes(damage)
+    with pytest.raises(ValueError, match=f"generation record {record} is damaged.*Restore the file, or move"):
+        generate_completions(Dataset.from_dict(PROMPTS), **settings)
+
+
 @pytest.mark.parametrize(
     ("change", "named"),
     [({"temperature": 0.5}, "temperature=1.0 there, 0.5 now"), ({"num_generations": 3}, "num_generations=2 there")],

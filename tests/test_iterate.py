@@ -91,6 +91,15 @@ def test_a_rerun_skips_the_rounds_it_has(model_dir, tmp_path, make_args, trainer
     assert trainer_calls[1]["model"] == results[1].model
 
 
+@pytest.mark.parametrize("damage", [b'[{"round": 0, "mod', b"\x8a\x00\xff" * 40, b'[{"round": 0}]', b"[1, 2]"])
+def test_a_damaged_round_record_stops_with_the_file_and_the_fix(model_dir, tmp_path, make_args, damage):
+    _run(model_dir, tmp_path, make_args, rounds=1)
+    record = tmp_path / "iter" / ROUNDS_FILE
+    record.write_bytes(damage)
+    with pytest.raises(ValueError, match=f"finished rounds {record} is damaged.*Restore it, or delete it"):
+        _run(model_dir, tmp_path, make_args, rounds=1)
+
+
 def test_anchored_rounds_keep_the_initial_reference(model_dir, tmp_path, make_args, trainer_calls):
     _run(model_dir, tmp_path, make_args, anchor_to_initial_reference=True, eval_prompts=None)
     references = [call["ref_model"] for call in trainer_calls]

@@ -227,7 +227,7 @@ def generate_completions(
     output_dir = Path(output_dir)
     record = {**asdict(settings), "num_prompts": len(prompts), "prompts_digest": _digest(prompts)}
     _check_resumable(output_dir, record)
-    pending = [i for i in range(len(prompts)) if i not in _complete_groups(output_dir, num_generations)]
+    pending = [i for i in range(len(prompts)) if i not in _complete_groups(output_dir, prompts, num_generations)]
     state.wait_for_everyone()  # every process has read the shards before any appends to them
     if state.is_main_process:
         _write_generation_config(output_dir, record)
@@ -237,7 +237,7 @@ def generate_completions(
             _generate_share(prompts, share, settings, output_dir, batch_size, trust_remote_code, state)
     state.wait_for_everyone()
     if state.is_main_process:
-        _merge_shards(output_dir, len(prompts), num_generations)
+        _merge_shards(output_dir, prompts, num_generations)
     state.wait_for_everyone()
     return Dataset.from_json(str(output_dir / COMPLETIONS_FILE))
 
@@ -356,7 +356,15 @@ def _check_resumable(output_dir: Path, record: dict) -> None:
     path = output_dir / GENERATION_CONFIG_FILE
     if not path.is_file():
         return
-    recorded = json.loads(path.read_text())
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        recorded = error
+    if not isinstance(recorded, dict):
+        raise ValueError(
+            f"The generation record {path} is damaged ({recorded}), so nothing says which settings made the samples "
+            f"in {output_dir}. Restore the file, or move {output_dir} away to sample again."
+        )
     differing = [key for key in RESUME_KEYS if recorded.get(key) != record[key]]
     if differing:
         described = "; ".join(
@@ -386,25 +394,46 @@ def _write_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _shard_lines(shard: Path):
-    """The rows of a shard, in order; a line cut by an interruption is skipped."""
-    for line in shard.read_text(encoding="utf-8").splitlines():
+def _shard_lines(shard: Path, prompt_keys: list[str], num_generations: int):
+    """The rows of a shard, in order. A line cut by an interruption, or one that is not a sample of these prompts
+    (damaged bytes, another program's output), is skipped and counted: its prompt is sampled again."""
+    damaged = 0
+    for line in shard.read_bytes().splitlines():
         try:
-            yield json.loads(line)
-        except json.JSONDecodeError:
-            continue
+            row = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            row = None
+        if _is_sample(row, prompt_keys, num_generations):
+            yield row
+        elif line.strip():
+            damaged += 1
+    if damaged:
+        logger.warning(
+            f"Skipped {damaged} damaged line(s) of {shard} (not JSON, or not a sample of these prompts): the prompts "
+            "they belonged to are sampled again."
+        )
 
 
-def _complete_groups(output_dir: Path, num_generations: int) -> dict[int, list[dict]]:
+def _is_sample(row, prompt_keys: list[str], num_generations: int) -> bool:
+    if not isinstance(row, dict) or "completion" not in row or not isinstance(row.get("finished"), bool):
+        return False
+    index, sample = row.get("prompt_index"), row.get("sample_index")
+    if not (isinstance(index, int) and isinstance(sample, int)):
+        return False
+    return 0 <= index < len(prompt_keys) and 0 <= sample < num_generations and _prompt_key(row) == prompt_keys[index]
+
+
+def _complete_groups(output_dir: Path, prompts: list[dict], num_generations: int) -> dict[int, list[dict]]:
     """
     The rows of each prompt whose samples are all in the shards. A prompt's samples are written together, in order, so
     a complete group is a run of consecutive rows with sample indices 0 … n-1; the rows a cut write left behind form a
     shorter run, and that prompt is sampled again (its new rows come later in the same shard).
     """
+    keys = [_prompt_key(row) for row in prompts]
     complete: dict[int, list[dict]] = {}
     for shard in sorted((output_dir / SHARDS_FOLDER).glob("*.jsonl")):
         run: list[dict] = []
-        for row in _shard_lines(shard):
+        for row in _shard_lines(shard, keys, num_generations):
             if run and (row["prompt_index"], row["sample_index"]) != (run[0]["prompt_index"], len(run)):
                 run = []
             if run or row["sample_index"] == 0:
@@ -415,8 +444,9 @@ def _complete_groups(output_dir: Path, num_generations: int) -> dict[int, list[d
     return complete
 
 
-def _merge_shards(output_dir: Path, num_prompts: int, num_generations: int) -> None:
-    complete = _complete_groups(output_dir, num_generations)
+def _merge_shards(output_dir: Path, prompts: list[dict], num_generations: int) -> None:
+    num_prompts = len(prompts)
+    complete = _complete_groups(output_dir, prompts, num_generations)
     missing = [i for i in range(num_prompts) if i not in complete]
     if missing:
         raise RuntimeError(f"Prompts {describe_rows(missing)} have no complete samples in {output_dir / 'shards'}.")

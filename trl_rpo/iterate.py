@@ -137,8 +137,14 @@ def _completed_rounds(output: Path) -> list[RoundResult]:
     path = output / ROUNDS_FILE
     if not path.is_file():
         return []
-    rows = json.loads(path.read_text())
-    results = [RoundResult(**{k: math.nan if v is None else v for k, v in row.items()}) for row in rows]
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+        results = [RoundResult(**{k: math.nan if v is None else v for k, v in row.items()}) for row in rows]
+    except (UnicodeDecodeError, json.JSONDecodeError, TypeError, AttributeError) as error:
+        raise ValueError(
+            f"The record of finished rounds {path} is damaged ({type(error).__name__}: {error}), so which rounds are "
+            f"done is unknown. Restore it, or delete it to train every round again in {output}."
+        ) from error
     return [r for r in results if r.round == 0 or Path(r.model).is_dir()]
 
 
