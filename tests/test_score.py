@@ -13,6 +13,7 @@ from transformers import AutoConfig, AutoTokenizer, LlamaForSequenceClassificati
 
 from trl_rpo import RPOTrainer, generate_completions, score_completions
 from trl_rpo.cli import cli
+from trl_rpo.scoring import describe_rewards
 
 
 MODULE = "rpo_test_rewards"  # written by the `rewards_file` fixture, importable once it ran
@@ -179,7 +180,22 @@ def test_bad_reward_specs_name_the_fix(rewards_file, spec, weights, match):
         score_completions(Dataset.from_dict(ROWS), [spec], reward_weights=weights)
 
 
-def test_score_command(rewards_file, reward_model_dir, tmp_path):
+def test_the_reward_distribution_and_the_prompts_rpo_cannot_learn_from():
+    rows = {
+        "prompt": ["a", "a", "b", "b", "b", "c", "d", "d"],
+        "reward": [1.0, 0.0, 0.5, 0.5, 0.5, 2.0, 3.0, 3.0],
+    }
+    text = describe_rewards(Dataset.from_dict(rows))
+    # mean 10.5 / 8, sd √(9.969 / 8); quantiles of [0, .5, .5, .5, 1, 2, 3, 3] by linear interpolation: .5, .75, 2.25
+    assert "Rewards of 8 rows: mean 1.312, sd 1.116, 5 distinct;" in text
+    assert "min 0 | 25% 0.5 | median 0.75 | 75% 2.25 | max 3." in text
+    assert "4 prompts: 1 with completions of different rewards, 2 whose completions all have one reward" in text
+    assert "1 with a single completion" in text
+    conversational = Dataset.from_dict({"prompt": [[{"role": "user", "content": "d"}]] * 2, "reward": [1.0, 1.0]})
+    assert "1 prompts: 0 with completions of different rewards, 1 whose" in describe_rewards(conversational)
+
+
+def test_score_command(rewards_file, reward_model_dir, tmp_path, capsys):
     data = tmp_path / "rows.jsonl"
     Dataset.from_dict({**ROWS, "response": ROWS["completion"]}).remove_columns("completion").to_json(data)
     out = tmp_path / "scored"
@@ -194,6 +210,10 @@ def test_score_command(rewards_file, reward_model_dir, tmp_path):
     for row in rows:
         expected = 0.5 * row["reward_length"] + 2 * row["reward_matches_answer"] + 0.25 * row[model_column[0]]
         assert row["reward"] == pytest.approx(expected, abs=1e-12)
+    rewards = [row["reward"] for row in rows]
+    printed = capsys.readouterr().out
+    assert f"Rewards of 4 rows: mean {sum(rewards) / 4:.4g}" in printed
+    assert "2 prompts:" in printed
     config = json.loads((out / "scoring_config.json").read_text())
     assert config["reward_weights"] == [0.5, 2.0, 0.25]
     assert (config["rows_in"], config["rows_out"]) == (4, 4)

@@ -35,7 +35,7 @@ from .cli import RPOScriptArguments, _split, load_rpo_dataset, resolve_accelerat
 from .generation import COMPLETIONS_FILE, generate_completions
 from .iterate import iterate_rpo, rounds_table
 from .rpo_config import RPOConfig
-from .scoring import score_completions
+from .scoring import describe_rewards, score_completions
 
 
 SCORED_FILE = "scored.jsonl"
@@ -303,6 +303,7 @@ def score_main(argv: list[str]) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
     write_jsonl(scored, output_dir / SCORED_FILE)
     _write_scoring_config(output_dir, args, rows_in=len(dataset), rows_out=len(scored))
+    print(describe_rewards(scored))
     print(f"✅ {len(scored)} of {len(dataset)} rows scored: {output_dir / SCORED_FILE}")
 
 

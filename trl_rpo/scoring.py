@@ -399,3 +399,28 @@ def _drop_unscored(scored: Dataset, sources: list[_Source]) -> Dataset:
         f"(rows without a value, per source: {per_source}). RPO trains only on rows with a reward."
     )
     return scored.select(np.flatnonzero(~missing))
+
+
+def describe_rewards(scored: Dataset) -> str:
+    """What a user would rather see than read: the reward distribution of the scored rows, and how many prompts give
+    RPO something to learn. A prompt whose completions all have one reward has no within-prompt contrast (only the
+    partition's level moves it), and a prompt with a single completion has no group at all."""
+    rewards = column_numpy(scored, "reward").astype(np.float64)
+    if rewards.size == 0:
+        return "No scored rows."
+    names, quartiles = ("min", "25%", "median", "75%", "max"), np.quantile(rewards, [0, 0.25, 0.5, 0.75, 1])
+    spread = " | ".join(f"{name} {q:.4g}" for name, q in zip(names, quartiles, strict=True))
+    summary = f"mean {rewards.mean():.4g}, sd {rewards.std():.4g}, {np.unique(rewards).size} distinct"
+    lines = [f"Rewards of {rewards.size} rows: {summary}; {spread}."]
+    if "prompt" in scored.column_names:
+        groups: dict[str, list[float]] = defaultdict(list)
+        for prompt, reward in zip(scored["prompt"], rewards.tolist(), strict=True):
+            groups[prompt if isinstance(prompt, str) else repr(prompt)].append(reward)
+        single = sum(len(values) == 1 for values in groups.values())
+        flat = sum(len(values) > 1 and max(values) - min(values) == 0 for values in groups.values())
+        varied = len(groups) - single - flat
+        lines.append(
+            f"{len(groups)} prompts: {varied} with completions of different rewards, {flat} whose completions all "
+            f"have one reward (no contrast for RPO to learn from), {single} with a single completion."
+        )
+    return "\n".join(lines)
