@@ -108,6 +108,17 @@ def test_functions_by_module_and_by_file_combine_as_a_weighted_sum(rewards_file)
     assert scored["answer"] == ROWS["answer"]  # the other columns stay
 
 
+def test_an_error_in_a_reward_function_names_it_and_the_rows(rewards_file):
+    def exact(completions, answer, **kwargs):
+        return [1.0 / (c.strip() == a) for c, a in zip(completions, answer, strict=True)]  # fails on a wrong answer
+
+    with pytest.raises(RuntimeError, match=r"'exact' raised ZeroDivisionError: .* 2 row\(s\) \(indices 0, 1\)"):
+        score_completions(Dataset.from_dict(ROWS), [exact], batch_size=2)
+    with pytest.raises(RuntimeError, match=r"indices 1\)") as raised:  # the second row here, the first wrong answer
+        score_completions(Dataset.from_dict(ROWS).select([2, 3]), [f"{MODULE}:length", exact], batch_size=1)
+    assert isinstance(raised.value.__cause__, ZeroDivisionError)  # the user's traceback is kept
+
+
 @pytest.mark.parametrize(
     ("func", "kept", "dropped"),
     [("skip_second_prompt", [0, 1], "2 row(s) (indices 2, 3)"), ("nan_when_long", [0, 2, 3], "1 row(s) (indices 1)")],

@@ -330,9 +330,15 @@ def _score_batch(batch: dict[str, list], indices: list[int], sources, weights, p
         kwargs["completion_ids"] = _completion_ids(processing_class, completions)
     columns = {}
     for source in sources:
-        values = source.func(prompts=prompts, completions=completions, **kwargs)
-        if is_async_callable(source.func):
-            values = asyncio.run(values)
+        try:
+            values = source.func(prompts=prompts, completions=completions, **kwargs)
+            if is_async_callable(source.func):
+                values = asyncio.run(values)
+        except Exception as error:  # the user's code: say whose, and on which rows, then keep its traceback
+            raise RuntimeError(
+                f"The reward source '{source.column.removeprefix('reward_')}' raised {type(error).__name__}: {error} "
+                f"while scoring {describe_rows(indices)}."
+            ) from error
         columns[source.column] = _as_rewards(values, source, indices)
     scores = np.array([columns[source.column] for source in sources], dtype=np.float64)
     return {**columns, "reward": (weights @ scores).tolist()}  # NaN wherever one source has no reward
