@@ -125,6 +125,15 @@ def test_unsupported_local_file_is_refused(tmp_path):
         load_rpo_dataset(script_args, dataset_args)
 
 
+@pytest.mark.parametrize("name", ["data/rows.jsonl", "./my_data", "/no/such/folder", "data/scored/train"])
+def test_a_dataset_path_that_does_not_exist_says_so(tmp_path, monkeypatch, name):
+    """Not "cannot reach the Hub": the path is named with the folder it was looked for in."""
+    monkeypatch.chdir(tmp_path)
+    script_args, _, _, dataset_args = parse("--dataset_name", name, "--output_dir", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=f"'{name}': no such file or folder \\(looked in {tmp_path}\\)"):
+        load_rpo_dataset(script_args, dataset_args)
+
+
 def test_missing_eval_split_is_reported_before_model_work(tmp_path):
     args = parse(
         "--config", str(TINY_RECIPE), "--dataset_name", str(ROOT / "recipes/tiny/rpo/data.jsonl"),

@@ -157,6 +157,11 @@ def load_rpo_dataset(script_args: RPOScriptArguments, dataset_args: DatasetMixtu
                 "its folder (or a Hub dataset id) as `dataset_name`."
             )
         dataset = load_dataset(FILE_BUILDERS[suffix], data_files={script_args.dataset_train_split: name})
+    elif name and _is_local_path(name) and not os.path.exists(name):
+        raise FileNotFoundError(
+            f"`dataset_name` {name!r}: no such file or folder (looked in {os.getcwd()}). Fix the path; a Hub dataset "
+            "is named 'owner/name', without a file suffix."
+        )
     elif name:
         dataset = load_dataset(name, name=script_args.dataset_config)
     else:
@@ -167,6 +172,14 @@ def load_rpo_dataset(script_args: RPOScriptArguments, dataset_args: DatasetMixtu
     if script_args.remove_columns:
         dataset = dataset.remove_columns(script_args.remove_columns)
     return rename_rpo_columns(dataset, script_args)
+
+
+def _is_local_path(name: str) -> bool:
+    """A name that can only mean a file or folder: a data-file suffix, a leading `/`, `.` or `~`, or more than one
+    `/` (a Hub id is `owner/name`)."""
+    return (
+        os.path.splitext(name)[1].lower() in FILE_BUILDERS or name.startswith(("/", ".", "~")) or name.count("/") > 1
+    )
 
 
 def rename_rpo_columns(dataset: DatasetDict, script_args: RPOScriptArguments) -> DatasetDict:
