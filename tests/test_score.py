@@ -230,6 +230,24 @@ def test_score_command(rewards_file, reward_model_dir, tmp_path, capsys):
     assert (config["rows_in"], config["rows_out"]) == (4, 4)
 
 
+def test_a_failed_rerun_leaves_no_current_looking_output(rewards_file, tmp_path):
+    """The earlier `scored.jsonl` is set aside before scoring: after a failed rerun only `scored.jsonl.previous` is
+    there; after a successful one, only the new outputs."""
+    data = tmp_path / "rows.jsonl"
+    Dataset.from_dict(ROWS).to_json(data)
+    out = tmp_path / "scored"
+    command = ["score", "--dataset_name", str(data), "--output_dir", str(out), "--reward_funcs"]
+    cli([*command, f"{MODULE}:length"])
+    first = (out / "scored.jsonl").read_text()
+    with pytest.raises(ValueError, match="text_reward"):
+        cli([*command, f"{MODULE}:text_reward"])  # returns text: refused mid-scoring
+    assert sorted(p.name for p in out.iterdir()) == ["scored.jsonl.previous", "scoring_config.json.previous"]
+    assert (out / "scored.jsonl.previous").read_text() == first
+    cli([*command, f"{MODULE}:matches_answer"])
+    assert sorted(p.name for p in out.iterdir()) == ["scored.jsonl", "scoring_config.json"]
+    assert [json.loads(line)["reward"] for line in (out / "scored.jsonl").read_text().splitlines()] == [1, 0, 1, 0]
+
+
 def test_generate_score_train(model_dir, rewards_file, make_args, tmp_path):
     """The path of SPEC §7: sample from the model, score the samples, train RPO on them (Monte-Carlo partition,
     valid since the samples are the reference's own at temperature 1)."""

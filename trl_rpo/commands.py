@@ -290,6 +290,8 @@ def score_main(argv: list[str]) -> None:
     model_init_kwargs["trust_remote_code"] = args.trust_remote_code
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name_or_path) if args.tokenizer_name_or_path else None
     dataset = args.load(completion_column=args.completion_column)
+    output_dir = Path(args.output_dir)
+    _set_aside(output_dir, (SCORED_FILE, SCORING_CONFIG_FILE))  # a failed rerun leaves nothing current-looking
     scored = score_completions(
         dataset,
         reward_funcs=args.reward_funcs,
@@ -299,12 +301,23 @@ def score_main(argv: list[str]) -> None:
         processing_class=tokenizer,
         model_init_kwargs=model_init_kwargs,
     )
-    output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     write_jsonl(scored, output_dir / SCORED_FILE)
     _write_scoring_config(output_dir, args, rows_in=len(dataset), rows_out=len(scored))
+    for name in (SCORED_FILE, SCORING_CONFIG_FILE):  # this run's outputs are written: the earlier ones can go
+        output_dir.joinpath(name + ".previous").unlink(missing_ok=True)
     print(describe_rewards(scored))
     print(f"✅ {len(scored)} of {len(dataset)} rows scored: {output_dir / SCORED_FILE}")
+
+
+def _set_aside(output_dir: Path, names: tuple[str, ...]) -> None:
+    """Rename an earlier run's outputs to `<name>.previous` before work that may fail, so that a failed rerun cannot
+    leave them looking like its own (they are deleted once the new outputs are written)."""
+    moved = [name for name in names if (output_dir / name).is_file()]
+    for name in moved:
+        (output_dir / name).replace(output_dir / (name + ".previous"))
+    if moved:
+        print(f"Earlier outputs in {output_dir} set aside as *.previous until this run's are written.")
 
 
 def write_jsonl(dataset: Dataset, path: Path, batch_size: int = 1000) -> None:
