@@ -147,3 +147,7 @@ def test_cli_prints_the_table(model_dir, tmp_path):
     assert "| round | samples |" in result.stdout
     assert len([line for line in result.stdout.splitlines() if line.startswith("| ") and "`" in line]) == 3
     assert (tmp_path / "o" / "round-2" / "model" / "model.safetensors").is_file()
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    assert again.returncode == 0, again.stderr[-3000:]
+    for k in (1, 2):  # said at the default log level, with nothing trained again
+        assert f"Round {k}: finished in {tmp_path / 'o' / 'rounds.json'}, skipped." in again.stderr

@@ -13,6 +13,8 @@ The arguments are the fields of [`RPOScriptArguments`], [`RPOConfig`], [`~trl.Mo
 them, and an unknown key or flag is an error. `python -m trl_rpo` and `python -m trl_rpo.cli` run the same command.
 """
 
+import contextlib
+import logging
 import os
 import sys
 from dataclasses import dataclass, field
@@ -275,6 +277,33 @@ def main(
     trainer.end()
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to the `sys.stderr` of the moment (a test's capture, a redirected stream), not the one at creation."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+@contextlib.contextmanager
+def package_messages_shown():
+    """While a command runs, the package's info messages (what a resume skips and what is left: "2 of 5 prompts left
+    to sample", "Round 1: finished, skipped") reach stderr at the default log level; other libraries keep theirs."""
+    package, handler = logging.getLogger("trl_rpo"), _StderrHandler()
+    level = package.level
+    package.addHandler(handler)
+    package.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        package.removeHandler(handler)
+        package.setLevel(level)
+
+
 # The accelerate configs ship inside the package (also reachable as `recipes/accelerate_configs/` in a checkout).
 ACCELERATE_CONFIGS = Path(__file__).resolve().parent / "accelerate_configs"
 
@@ -308,7 +337,8 @@ def cli(args: list[str] | None = None) -> None:
 
         subcommands = {"generate": commands.generate_main, "score": commands.score_main}
         subcommands["iterate"] = commands.iterate_main
-        subcommands[argv[0]](argv[1:])
+        with package_messages_shown():
+            subcommands[argv[0]](argv[1:])
         return
     parser = make_parser()
     if "--accelerate_config" not in argv:

@@ -231,7 +231,10 @@ def generate_completions(
     state.wait_for_everyone()  # every process has read the shards before any appends to them
     if state.is_main_process:
         _write_generation_config(output_dir, record)
-        logger.info(f"{len(prompts) - len(pending)} of {len(prompts)} prompts already sampled in {output_dir}.")
+        logger.info(
+            f"{len(pending)} of {len(prompts)} prompts left to sample in {output_dir} "
+            f"({len(prompts) - len(pending)} already sampled)."
+        )
     with state.split_between_processes(pending) as share:
         if share:
             _generate_share(prompts, share, settings, output_dir, batch_size, trust_remote_code, state)

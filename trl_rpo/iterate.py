@@ -69,6 +69,8 @@ def iterate_rpo(
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     done = _completed_rounds(output)
+    for result in done[1:]:
+        logger.info(f"Round {result.round}: finished in {output / ROUNDS_FILE}, skipped.")
     scoring = {"reward_funcs": reward_funcs, "reward_model": reward_model, "reward_weights": reward_weights}
     sampling = dict(generation_kwargs or {})
     if not done:
