@@ -102,7 +102,7 @@ def test_python_dash_m_runs_the_command(module, tmp_path, monkeypatch):
 def test_entry_point_is_cli():
     tomllib = pytest.importorskip("tomllib")
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts == {"trl-rpo": "trl_rpo.cli:cli"}
+    assert scripts == {"trl-rpo": "trl_rpo.cli:run"}
     with pytest.raises(SystemExit) as info:
         cli(["--help"])
     assert info.value.code == 0
@@ -132,6 +132,28 @@ def test_a_dataset_path_that_does_not_exist_says_so(tmp_path, monkeypatch, name)
     script_args, _, _, dataset_args = parse("--dataset_name", name, "--output_dir", str(tmp_path))
     with pytest.raises(FileNotFoundError, match=f"'{name}': no such file or folder \\(looked in {tmp_path}\\)"):
         load_rpo_dataset(script_args, dataset_args)
+
+
+@pytest.mark.parametrize(
+    ("command", "message"),
+    [
+        (["--dataset_name", "a/b/rows.jsonl", "--output_dir", "o"], "'a/b/rows.jsonl': no such file or folder"),
+        (["score", "--dataset_name", "rows.jsonl"], "Missing required argument(s): --output_dir."),
+    ],
+)
+def test_a_user_error_is_one_line_unless_a_traceback_is_asked_for(tmp_path, command, message):
+    """`trl-rpo` as a user runs it: a path that does not exist, a missing option — one message, exit status 2; with
+    `--traceback` the traceback is back."""
+    run = lambda extra: subprocess.run(  # noqa: E731
+        [sys.executable, "-m", "trl_rpo", *command, *extra],
+        capture_output=True, text=True, env=_env(tmp_path), cwd=tmp_path, timeout=300, check=False,
+    )  # fmt: skip
+    quiet, loud = run([]), run(["--traceback"])
+    assert quiet.returncode == 2, quiet.stderr[-2000:]
+    assert f"trl-rpo: error: {message}" in quiet.stderr.replace("`dataset_name` ", "")
+    assert "Traceback" not in quiet.stderr
+    assert loud.returncode == 1
+    assert "Traceback" in loud.stderr
 
 
 def test_missing_eval_split_is_reported_before_model_work(tmp_path):

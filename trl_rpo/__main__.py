@@ -1,7 +1,7 @@
 """`python -m trl_rpo`: the `trl-rpo` command."""
 
-from .cli import cli
+from .cli import run
 
 
 if __name__ == "__main__":
-    cli()
+    run()

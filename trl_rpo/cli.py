@@ -352,5 +352,36 @@ def cli(args: list[str] | None = None) -> None:
     launch_command(launch_command_parser().parse_args([*launch_args, "--module", "trl_rpo.cli", *script_args]))
 
 
+TRACEBACK_FLAG, TRACEBACK_ENV = "--traceback", "TRL_RPO_TRACEBACK"
+
+
+def run() -> None:
+    """The `trl-rpo` console command: [`cli`], with a user error (a missing option, a refused resume, a bad reward
+    function spec, a damaged record, a path that does not exist: the package's `ValueError`s and
+    `FileNotFoundError`s) printed as one line and exit status 2, as argparse does, instead of a traceback.
+    `--traceback` (or `--log_level debug`) keeps the traceback; it reaches processes relaunched through accelerate
+    via the `TRL_RPO_TRACEBACK` environment variable. Errors of other kinds always keep theirs."""
+    argv = sys.argv[1:]
+    if TRACEBACK_FLAG in argv or _log_level(argv) == "debug":
+        os.environ[TRACEBACK_ENV] = "1"
+    argv = [arg for arg in argv if arg != TRACEBACK_FLAG]
+    try:
+        cli(argv)
+    except (ValueError, FileNotFoundError) as error:
+        if os.environ.get(TRACEBACK_ENV) == "1":
+            raise
+        print(f"trl-rpo: error: {error}\n(add {TRACEBACK_FLAG} to see where it was raised)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _log_level(argv: list[str]) -> str | None:
+    for index, arg in enumerate(argv):
+        if arg.startswith("--log_level="):
+            return arg.partition("=")[2]
+        if arg == "--log_level" and index + 1 < len(argv):
+            return argv[index + 1]
+    return None
+
+
 if __name__ == "__main__":
-    cli()
+    run()
