@@ -4,6 +4,7 @@ empirical one), and records its data, model and held-out reward."""
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,10 @@ from trl_rpo.iterate import ROUNDS_FILE, iterate_rpo, rounds_table
 
 def longer_is_better(completions, **kwargs):  # GRPOTrainer's reward-function signature
     return [len(c) / 10 for c in completions]
+
+
+def shorter_is_better(completions, **kwargs):
+    return [-len(c) / 10 for c in completions]
 
 
 PROMPTS = Dataset.from_dict({"prompt": ["1 + 1 =", "2 + 3 =", "4 + 4 ="]})
@@ -77,7 +82,15 @@ def test_each_round_samples_from_and_is_regularised_towards_the_previous_policy(
         assert results[k].train_reward == pytest.approx(sum(len(r["completion"]) / 10 for r in scored) / len(scored))
     assert all(math.isfinite(r.eval_reward) for r in results)
     saved = json.loads((rounds / ROUNDS_FILE).read_text(), parse_constant=pytest.fail)  # strict JSON: no NaN
-    assert [row["round"] for row in saved] == [0, 1, 2]
+    assert [row["round"] for row in saved["rounds"]] == [0, 1, 2]
+    assert [row["model"] for row in saved["rounds"]] == [model_dir, "round-1/model", "round-2/model"]  # relative
+    assert saved["settings"]["training"]["learning_rate"] == 0.05
+    # every round samples with its own seed, and its model has a model card
+    seeds = [json.loads((rounds / f"round-{k}" / "samples" / "generation_config.json").read_text())["seed"]
+             for k in (1, 2)]  # fmt: skip
+    assert seeds[0] != seeds[1]
+    for k in (1, 2):
+        assert "RPO" in (rounds / f"round-{k}" / "model" / "README.md").read_text()
     table = rounds_table(results)
     assert table.count("\n") == 4
     assert "held-out reward" in table
@@ -98,6 +111,80 @@ def test_a_damaged_round_record_stops_with_the_file_and_the_fix(model_dir, tmp_p
     record.write_bytes(damage)
     with pytest.raises(ValueError, match=f"finished rounds {record} is damaged.*Restore it, or delete it"):
         _run(model_dir, tmp_path, make_args, rounds=1)
+
+
+def test_a_rerun_from_another_directory_finds_its_rounds(model_dir, tmp_path, make_args, trainer_calls, monkeypatch):
+    """`output_dir` given relative to the working directory: a rerun from elsewhere (the same folder, reached by
+    another relative path) sees the finished rounds instead of training them all again."""
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "a")
+    options = {"rounds": 1, "reward_funcs": [longer_is_better], "num_generations": 2}
+    options["generation_kwargs"] = {"max_new_tokens": 4, "batch_size": 4}
+    iterate_rpo(model_dir, PROMPTS, make_args(output_dir="iter", max_steps=1), **options)
+    monkeypatch.chdir(tmp_path / "a" / "b")
+    results = iterate_rpo(model_dir, PROMPTS, make_args(output_dir="../iter", max_steps=1), **options)
+    assert len(trainer_calls) == 1  # nothing trained again
+    assert Path(results[1].model).resolve() == (tmp_path / "a" / "iter" / "round-1" / "model").resolve()
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"args": {"learning_rate": 0.01}}, "training.learning_rate=0.05 there, 0.01 now"),
+        ({"num_generations": 2}, "num_generations=3 there, 2 now"),
+        ({"reward_funcs": [shorter_is_better]}, "reward_funcs="),
+        ({"prompts": HELD_OUT}, "different prompts"),
+    ],
+)
+def test_a_rerun_with_other_settings_is_refused(model_dir, tmp_path, make_args, trainer_calls, change, named):
+    _run(model_dir, tmp_path, make_args, rounds=1)
+    args = make_args(output_dir=str(tmp_path / "iter"), max_steps=2, **({"learning_rate": 0.05} | change.pop("args", {})))
+    options = {"rounds": 2, "reward_funcs": [longer_is_better], "num_generations": 3, "eval_prompts": HELD_OUT}
+    options |= {"generation_kwargs": {"max_new_tokens": 6, "batch_size": 4}}
+    prompts = change.pop("prompts", PROMPTS)
+    with pytest.raises(ValueError, match=f"other settings \\(.*{re.escape(named)}.*another `output_dir`"):
+        iterate_rpo(model_dir, prompts, args, **(options | change))
+    assert len(trainer_calls) == 1
+
+
+def test_a_crashed_round_resumes_from_its_last_checkpoint(model_dir, tmp_path, make_args, monkeypatch):
+    """Round 1 dies after its checkpoint at step 2 of 4: the rerun goes on from step 2, not from step 0."""
+    args = make_args(output_dir=str(tmp_path / "iter"), max_steps=4, learning_rate=0.05, save_strategy="steps",
+                     save_steps=2)  # fmt: skip
+    options = {"rounds": 1, "reward_funcs": [longer_is_better], "num_generations": 2}
+    options["generation_kwargs"] = {"max_new_tokens": 4, "batch_size": 4}
+
+    def crash(self, *a, **k):
+        raise KeyboardInterrupt("killed after the checkpoint")
+
+    real_step = RPOTrainer.training_step
+    steps = []
+
+    def counting_step(self, *a, **k):
+        steps.append(self.state.global_step)
+        if self.state.global_step == 2 and len(steps) == 3:
+            crash(self)
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(RPOTrainer, "training_step", counting_step)
+    with pytest.raises(KeyboardInterrupt):
+        iterate_rpo(model_dir, PROMPTS, args, **options)
+    assert (tmp_path / "iter" / "round-1" / "train" / "checkpoint-2").is_dir()
+    steps.clear()
+    results = iterate_rpo(model_dir, PROMPTS, args, **options)
+    assert steps == [2, 3]  # resumed at step 2
+    assert Path(results[1].model).is_dir()
+
+
+def test_the_model_dtype_is_honoured_by_every_round(model_dir, tmp_path, make_args):
+    args = make_args(output_dir=str(tmp_path / "iter"), max_steps=1, model_init_kwargs={"dtype": "bfloat16"})
+    options = {"rounds": 2, "reward_funcs": [longer_is_better], "num_generations": 2}
+    options["generation_kwargs"] = {"max_new_tokens": 4, "batch_size": 4}
+    results = iterate_rpo(model_dir, PROMPTS, args, **options)
+    for k in (1, 2):
+        assert json.loads((Path(results[k].model) / "config.json").read_text())["dtype"] == "bfloat16"
+        record = json.loads((tmp_path / "iter" / f"round-{k}" / "samples" / "generation_config.json").read_text())
+        assert record["dtype"] == "bfloat16"
 
 
 def test_anchored_rounds_keep_the_initial_reference(model_dir, tmp_path, make_args, trainer_calls):

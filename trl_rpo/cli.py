@@ -226,13 +226,9 @@ def _hub_dataset_id(script_args: RPOScriptArguments, dataset_args: DatasetMixtur
     return paths[0]
 
 
-def main(
-    script_args: RPOScriptArguments,
-    training_args: RPOConfig,
-    model_args: ModelConfig,
-    dataset_args: DatasetMixtureConfig,
-) -> None:
-    """Train with RPO, save the model (and its model card) to `output_dir`, and push it to the Hub if asked."""
+def set_model_init_kwargs(training_args: RPOConfig, model_args: ModelConfig) -> None:
+    """`ModelConfig`'s loading options (revision, attention, dtype) into `training_args.model_init_kwargs`, which the
+    trainer loads a model named by its path with; keys given there directly win."""
     model_init_kwargs = {
         "revision": model_args.model_revision,
         "trust_remote_code": training_args.trust_remote_code,
@@ -242,6 +238,16 @@ def main(
     if training_args.model_init_kwargs is not None:
         model_init_kwargs.update(training_args.model_init_kwargs)
     training_args.model_init_kwargs = model_init_kwargs
+
+
+def main(
+    script_args: RPOScriptArguments,
+    training_args: RPOConfig,
+    model_args: ModelConfig,
+    dataset_args: DatasetMixtureConfig,
+) -> None:
+    """Train with RPO, save the model (and its model card) to `output_dir`, and push it to the Hub if asked."""
+    set_model_init_kwargs(training_args, model_args)
 
     # Dataset
     dataset = load_rpo_dataset(script_args, dataset_args)

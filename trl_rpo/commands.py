@@ -28,12 +28,12 @@ from accelerate import PartialState
 from accelerate.commands.launch import launch_command, launch_command_parser
 from datasets import Dataset
 from transformers import AutoTokenizer
-from trl import DatasetMixtureConfig, ModelConfig, TrlParser, get_peft_config
+from trl import DatasetMixtureConfig, ModelConfig, TrlParser, get_peft_config, get_quantization_config
 from trl.cli.commands.training import _subtract_subsequence
 
-from .cli import RPOScriptArguments, _split, load_rpo_dataset, resolve_accelerate_config
+from .cli import RPOScriptArguments, _split, load_rpo_dataset, resolve_accelerate_config, set_model_init_kwargs
 from .generation import COMPLETIONS_FILE, generate_completions
-from .iterate import iterate_rpo, rounds_table
+from .iterate import QUANTIZED_ROUNDS, iterate_rpo, rounds_table
 from .rpo_config import RPOConfig
 from .scoring import describe_rewards, score_completions
 
@@ -211,6 +211,9 @@ def iterate_main(argv: list[str]) -> None:
     missing = [flag for flag, value in required.items() if not value]
     if missing:
         raise ValueError(f"Missing required argument(s): {', '.join(missing)}.")
+    if get_quantization_config(model_args) is not None:
+        raise ValueError(QUANTIZED_ROUNDS)
+    set_model_init_kwargs(training_args, model_args)  # dtype, revision, attention: honoured by every round
 
     def prompts(name: str, split: str) -> Dataset:
         source = _DatasetArguments(name, dataset_train_split=split, prompt_column=iterate_args.prompt_column)

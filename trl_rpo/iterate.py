@@ -5,14 +5,16 @@ reference's own. K rounds at τ aim at the one-shot optimum at τ/K (docs/iterat
 import copy
 import json
 import math
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from accelerate.logging import get_logger
 from datasets import Dataset
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+from transformers.trainer_utils import get_last_checkpoint
 
-from .generation import generate_completions
+from .generation import _digest, generate_completions, prompt_rows
 from .rpo_config import RPOConfig
 from .rpo_trainer import RPOTrainer
 from .scoring import score_completions
@@ -21,6 +23,10 @@ from .scoring import score_completions
 logger = get_logger(__name__)
 
 ROUNDS_FILE = "rounds.json"
+QUANTIZED_ROUNDS = (
+    "Iterative RPO merges each round's adapter into the next round's policy, which a quantized base cannot take "
+    "exactly: drop the quantization options (`--load_in_4bit`, `--load_in_8bit`) for `iterate`."
+)
 
 
 @dataclass
@@ -66,37 +72,43 @@ def iterate_rpo(
     """
     if rounds < 1:
         raise ValueError(f"`rounds` must be ≥ 1, got {rounds}.")
+    if (args.model_init_kwargs or {}).get("quantization_config") is not None:
+        raise ValueError(QUANTIZED_ROUNDS)
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    done = _completed_rounds(output)
-    for result in done[1:]:
-        logger.info(f"Round {result.round}: finished in {output / ROUNDS_FILE}, skipped.")
     scoring = {"reward_funcs": reward_funcs, "reward_model": reward_model, "reward_weights": reward_weights}
     sampling = dict(generation_kwargs or {})
+    sampling.setdefault("dtype", _dtype_name((args.model_init_kwargs or {}).get("dtype", "auto")))
+    settings = _settings(model, prompts, args, scoring, sampling, num_generations, eval_num_generations,
+                         peft_config, anchor_to_initial_reference)  # fmt: skip
+    done = _completed_rounds(output, settings)
+    for result in done[1:]:
+        logger.info(f"Round {result.round}: finished in {output / ROUNDS_FILE}, skipped.")
+    base_seed = sampling.pop("seed", args.seed)
+    revision = (args.model_init_kwargs or {}).get("revision")  # the initial model's; round models are local folders
     if not done:
-        initial_eval = _eval_reward(model, eval_prompts, eval_num_generations, output / "round-0", scoring, sampling)
+        initial = sampling | {"seed": base_seed, "revision": revision}
+        initial_eval = _eval_reward(model, eval_prompts, eval_num_generations, output / "round-0", scoring, initial)
         done = [RoundResult(0, model, 0, math.nan, initial_eval)]
-        _write_rounds(output, done)
-    reference = _load_model(model) if anchor_to_initial_reference else None
+        _write_rounds(output, done, settings)
+    reference = _load_model(model, args) if anchor_to_initial_reference else None
     for k in range(len(done), rounds + 1):
         policy, round_dir = done[-1].model, output / f"round-{k}"
+        round_sampling = sampling | {"seed": _round_seed(base_seed, k)}
         samples = generate_completions(
-            prompts, model=policy, output_dir=round_dir / "samples", num_generations=num_generations, **sampling
-        )
+            prompts, model=policy, output_dir=round_dir / "samples", num_generations=num_generations,
+            revision=revision if k == 1 else None, **round_sampling,
+        )  # fmt: skip
         scored = score_completions(samples, **scoring)
         scored.to_json(round_dir / "scored.jsonl", lines=True, force_ascii=False)
-        round_args = copy.copy(args)
-        round_args.output_dir = str(round_dir / "train")
-        round_args.partition_estimator = "empirical" if anchor_to_initial_reference else "monte_carlo"
-        trainer = RPOTrainer(
-            policy, ref_model=reference, args=round_args, train_dataset=scored, peft_config=peft_config
-        )
-        trainer.train()
-        model_dir = _save_policy(trainer, round_dir / "model")
-        eval_reward = _eval_reward(model_dir, eval_prompts, eval_num_generations, round_dir, scoring, sampling)
+        round_args = _round_args(args, round_dir, anchor_to_initial_reference, initial_policy=k == 1)
+        trainer = RPOTrainer(policy, reference, round_args, train_dataset=scored, peft_config=peft_config)
+        trainer.train(resume_from_checkpoint=_last_checkpoint(round_args.output_dir))  # a crashed round resumes
+        model_dir = _save_policy(trainer, round_dir / "model", name=f"{output.name}-round-{k}")
+        eval_reward = _eval_reward(model_dir, eval_prompts, eval_num_generations, round_dir, scoring, round_sampling)
         train_reward = sum(scored["reward"]) / len(scored)
         done.append(RoundResult(k, model_dir, len(scored), train_reward, eval_reward))
-        _write_rounds(output, done)
+        _write_rounds(output, done, settings)
         logger.info(f"Round {k}/{rounds}: train reward {train_reward:.4f}, held-out reward {eval_reward:.4f}.")
     return done
 
@@ -120,38 +132,119 @@ def _eval_reward(model: str, prompts, num_generations: int, round_dir: Path, sco
     return sum(scored["reward"]) / max(len(scored), 1)
 
 
-def _save_policy(trainer: RPOTrainer, model_dir: Path) -> str:
-    """The trained policy as a full model folder (a PEFT adapter merged into its base), with the tokenizer."""
+def _round_seed(base: int, k: int) -> int:
+    """Each round samples with its own seed (round 0's held-out samples with `base` itself)."""
+    return base + 1_000 * k
+
+
+def _round_args(args: RPOConfig, round_dir: Path, anchored: bool, initial_policy: bool) -> RPOConfig:
+    round_args = copy.copy(args)
+    round_args.output_dir = str(round_dir / "train")
+    round_args.partition_estimator = "empirical" if anchored else "monte_carlo"
+    if not initial_policy and round_args.model_init_kwargs:  # a round model is a local folder: no revision
+        round_args.model_init_kwargs = {k: v for k, v in round_args.model_init_kwargs.items() if k != "revision"}
+    return round_args
+
+
+def _last_checkpoint(folder: str) -> str | None:
+    return get_last_checkpoint(folder) if Path(folder).is_dir() else None
+
+
+def _save_policy(trainer: RPOTrainer, model_dir: Path, name: str) -> str:
+    """The trained policy as a full model folder (a PEFT adapter merged into its base) in the dtype it trained in,
+    with the tokenizer and the model card a trained model gets."""
     model = trainer.accelerator.unwrap_model(trainer.model)
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     model.save_pretrained(model_dir)
     trainer.processing_class.save_pretrained(model_dir)
+    trainer.create_model_card(model_name=name)
+    shutil.copyfile(Path(trainer.args.output_dir) / "README.md", model_dir / "README.md")
     return str(model_dir)
 
 
-def _load_model(path: str):
+def _load_model(path: str, args: RPOConfig):
+    kwargs = {k: v for k, v in (args.model_init_kwargs or {}).items() if v is not None and k != "trust_remote_code"}
+    kwargs["trust_remote_code"] = args.trust_remote_code
     encoder_decoder = getattr(AutoConfig.from_pretrained(path), "is_encoder_decoder", False)
-    return (AutoModelForSeq2SeqLM if encoder_decoder else AutoModelForCausalLM).from_pretrained(path)
+    return (AutoModelForSeq2SeqLM if encoder_decoder else AutoModelForCausalLM).from_pretrained(path, **kwargs)
 
 
-def _completed_rounds(output: Path) -> list[RoundResult]:
+def _dtype_name(dtype) -> str:
+    return str(dtype).removeprefix("torch.") if dtype is not None else "auto"
+
+
+# Training options that change what a round produces: a rerun that differs in one of them is refused.
+_RESULT_OPTIONS = (
+    "beta", "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "optim", "max_steps",
+    "num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps", "seed", "max_length",
+    "logps_aggregation", "partition_temperature", "value_shrinkage", "level_weight", "sparse_prompt_strategy",
+    "reward_normalization", "bf16", "fp16", "model_init_kwargs",
+)  # fmt: skip
+
+
+def _settings(model, prompts, args, scoring, sampling, num_generations, eval_num_generations, peft_config,
+              anchored) -> dict:  # fmt: skip
+    """What determines the rounds' results, as JSON: the record keeps it, and a rerun must match it."""
+    funcs = scoring["reward_funcs"] or []
+    funcs = [f if isinstance(f, str) else f"{f.__module__}.{f.__qualname__}" for f in funcs]
+    options = {name: getattr(args, name) for name in _RESULT_OPTIONS if hasattr(args, name)}
+    values = {
+        "model": model, "prompts_digest": _digest(prompt_rows(prompts)), "reward_funcs": funcs,
+        "reward_model": scoring["reward_model"], "reward_weights": scoring["reward_weights"],
+        "num_generations": num_generations, "eval_num_generations": eval_num_generations, "sampling": sampling,
+        "peft_config": peft_config.to_dict() if peft_config is not None else None,
+        "anchor_to_initial_reference": anchored, "training": options,
+    }  # fmt: skip
+    return json.loads(json.dumps(values, default=str))  # the form it has once read back
+
+
+def _completed_rounds(output: Path, settings: dict) -> list[RoundResult]:
     path = output / ROUNDS_FILE
     if not path.is_file():
         return []
     try:
-        rows = json.loads(path.read_text(encoding="utf-8"))
+        record = json.loads(path.read_text(encoding="utf-8"))
+        rows = record["rounds"]
         results = [RoundResult(**{k: math.nan if v is None else v for k, v in row.items()}) for row in rows]
-    except (UnicodeDecodeError, json.JSONDecodeError, TypeError, AttributeError) as error:
+        recorded = record["settings"]
+    except (UnicodeDecodeError, json.JSONDecodeError, TypeError, KeyError, AttributeError) as error:
         raise ValueError(
-            f"The record of finished rounds {path} is damaged ({type(error).__name__}: {error}), so which rounds are "
-            f"done is unknown. Restore it, or delete it to train every round again in {output}."
+            f"The record of finished rounds {path} is damaged or from an older trl_rpo ({type(error).__name__}: "
+            f"{error}), so which rounds are done, and how, is unknown. Restore it, or delete it to train every round "
+            f"again in {output}."
         ) from error
+    differing = _differences(recorded, settings)
+    if differing:
+        raise ValueError(
+            f"{output} holds rounds made with other settings ({'; '.join(differing)}). Rerun with the same settings "
+            "(more `rounds` may be added), or pass another `output_dir` to start again."
+        )
+    for result in results:  # round models are stored relative to the output folder: it may have moved
+        if result.round > 0:
+            result.model = str(output / result.model)
     return [r for r in results if r.round == 0 or Path(r.model).is_dir()]
 
 
-def _write_rounds(output: Path, results: list[RoundResult]) -> None:
+def _differences(recorded: dict, current: dict, prefix: str = "") -> list[str]:
+    differing = []
+    for key in sorted(set(recorded) | set(current)):
+        there, now = recorded.get(key), current.get(key)
+        if isinstance(there, dict) and isinstance(now, dict):
+            differing += _differences(there, now, f"{prefix}{key}.")
+        elif there != now:
+            differing.append("different prompts" if key == "prompts_digest" else f"{prefix}{key}={there!r} there, "
+                             f"{now!r} now")  # fmt: skip
+    return differing
+
+
+def _write_rounds(output: Path, results: list[RoundResult], settings: dict) -> None:
+    rows = []
+    for result in results:
+        row = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in asdict(result).items()}
+        if result.round > 0:  # relative to the output folder, so a rerun from anywhere finds it
+            row["model"] = str(Path(result.model).resolve().relative_to(output.resolve()))
+        rows.append(row)
     tmp = output / (ROUNDS_FILE + ".tmp")
-    rows = [{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in asdict(r).items()} for r in results]
-    tmp.write_text(json.dumps(rows, indent=2) + "\n")  # NaN (no value) as null: strict JSON
+    tmp.write_text(json.dumps({"settings": settings, "rounds": rows}, indent=2) + "\n")  # NaN as null: strict JSON
     tmp.replace(output / ROUNDS_FILE)
