@@ -138,7 +138,8 @@ def test_a_rerun_from_another_directory_finds_its_rounds(model_dir, tmp_path, ma
 )
 def test_a_rerun_with_other_settings_is_refused(model_dir, tmp_path, make_args, trainer_calls, change, named):
     _run(model_dir, tmp_path, make_args, rounds=1)
-    args = make_args(output_dir=str(tmp_path / "iter"), max_steps=2, **({"learning_rate": 0.05} | change.pop("args", {})))
+    training = {"learning_rate": 0.05} | change.pop("args", {})
+    args = make_args(output_dir=str(tmp_path / "iter"), max_steps=2, **training)
     options = {"rounds": 2, "reward_funcs": [longer_is_better], "num_generations": 3, "eval_prompts": HELD_OUT}
     options |= {"generation_kwargs": {"max_new_tokens": 6, "batch_size": 4}}
     prompts = change.pop("prompts", PROMPTS)
