@@ -98,9 +98,10 @@ def _direct_score(folder: str, text: str) -> float:
         return model(**inputs).logits[0, 0].item()
 
 
-def test_functions_by_module_and_by_file_combine_as_a_weighted_sum(rewards_file):
+@pytest.mark.parametrize("by_module", [f"{MODULE}:length", f"{MODULE}.length"], ids=["colon", "dotted"])
+def test_functions_by_module_and_by_file_combine_as_a_weighted_sum(rewards_file, by_module):
     scored = score_completions(
-        Dataset.from_dict(ROWS), [f"{MODULE}:length", f"{rewards_file}:matches_answer"], reward_weights=[0.5, 2.0]
+        Dataset.from_dict(ROWS), [by_module, f"{rewards_file}:matches_answer"], reward_weights=[0.5, 2.0]
     )
     assert scored["reward_length"] == [2.0, 3.0, 2.0, 2.0]
     assert scored["reward_matches_answer"] == [1.0, 0.0, 1.0, 0.0]
@@ -181,6 +182,7 @@ def test_conversational_rows(rewards_file, reward_model_dir):
         ("no_such_module_xyz:reward", None, "cannot import module 'no_such_module_xyz'.*PYTHONPATH"),
         ("missing/rewards.py:reward", None, "no file missing/rewards.py"),
         (f"{MODULE}:", None, "not a 'module:function' spec"),
+        (f"{MODULE}.missing", None, r"defines no 'missing'"),
         (f"{MODULE}:one_reward", None, "returned 1 rewards for 4 completions.*one float"),
         (f"{MODULE}:text_reward", None, "returned text.*Return a float"),
         (f"{MODULE}:length", [1.0, 2.0], "2 reward weight.*1 reward source.*one weight per source"),

@@ -154,7 +154,7 @@ def _sources(reward_funcs, reward_model, reward_processing_class, model_init_kwa
         )
     funcs = []
     for item in items:
-        if isinstance(item, str) and ":" in item:
+        if isinstance(item, str) and (":" in item or _is_dotted(item)) and not os.path.isdir(item):
             funcs.append(load_function(item))
         elif isinstance(item, (str, PreTrainedModel)):
             tokenizer = reward_processing_class if item is reward_model else None
@@ -179,15 +179,16 @@ def _unique(names: list[str]) -> list[str]:
 
 def load_function(spec: str, what: str = "Reward function") -> Callable:
     """
-    Import the function named by `spec`: `"module:function"` (an importable module, e.g. one of your package's) or
-    `"path/to/file.py:function"` (a Python file, imported as a module). `what` names it in errors (the reward
-    functions of `trl-rpo score`, the `dataset_transform` of `trl-rpo`).
+    Import the function named by `spec`: `"module:function"` or `"module.function"` (an importable module, e.g. one
+    of your package's; the dotted form is how `trl grpo` names reward functions) or `"path/to/file.py:function"` (a
+    Python file, imported as a module). `what` names it in errors (the reward functions of `trl-rpo score`, the
+    `dataset_transform` of `trl-rpo`).
     """
-    location, _, name = spec.rpartition(":")
+    location, _, name = spec.rpartition("." if _is_dotted(spec) else ":")
     if not location or not name.isidentifier():
         raise ValueError(
-            f"{what} {spec!r} is not a 'module:function' spec. Give it as 'module:function' (an importable module) "
-            "or 'path/to/file.py:function'."
+            f"{what} {spec!r} is not a 'module:function' spec. Give it as 'module:function' or 'module.function' (an "
+            "importable module) or 'path/to/file.py:function'."
         )
     module = _import_file(location, spec, what) if location.endswith(".py") else _import_module(location, spec, what)
     func = getattr(module, name, None)
@@ -199,6 +200,11 @@ def load_function(spec: str, what: str = "Reward function") -> Callable:
             "':'."
         )
     return func
+
+
+def _is_dotted(spec: str) -> bool:
+    """`package.module.function`, as `trl grpo` names reward functions (a model id has a `/`, a file a `.py`)."""
+    return ":" not in spec and "." in spec.strip(".") and "/" not in spec and not spec.endswith(".py")
 
 
 def _import_module(location: str, spec: str, what: str):
