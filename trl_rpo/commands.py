@@ -123,7 +123,7 @@ class ScoreArguments(_DatasetArguments):
     )
     reward_funcs: list[str] = field(
         default_factory=list,
-        metadata={"help": "Reward functions, each 'module:function', 'module.function' or 'path/to/file.py:function'."},
+        metadata={"help": "Reward functions, each 'module:function', 'module.function' or 'file.py:function'."},
     )
     reward_model_name_or_path: str | None = field(
         default=None,
@@ -171,7 +171,7 @@ class IterateArguments:
     max_new_tokens: int = field(default=256, metadata={"help": "Longest completion, in tokens."})
     generation_batch_size: int = field(default=8, metadata={"help": "Prompts per generate call."})
     reward_funcs: list[str] = field(
-        default_factory=list, metadata={"help": "Reward functions: 'module:function', 'module.function' or 'file.py:function'."}
+        default_factory=list, metadata={"help": "Reward functions: 'module:function', 'module.function', 'file.py:function'."}
     )
     reward_model_name_or_path: str | None = field(default=None, metadata={"help": "Sequence-classification RM."})
     reward_weights: list[float] | None = field(
