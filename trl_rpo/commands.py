@@ -171,7 +171,8 @@ class IterateArguments:
     max_new_tokens: int = field(default=256, metadata={"help": "Longest completion, in tokens."})
     generation_batch_size: int = field(default=8, metadata={"help": "Prompts per generate call."})
     reward_funcs: list[str] = field(
-        default_factory=list, metadata={"help": "Reward functions: 'module:function', 'module.function', 'file.py:function'."}
+        default_factory=list,
+        metadata={"help": "Reward functions, each 'module:function', 'module.function' or 'file.py:function'."},
     )
     reward_model_name_or_path: str | None = field(default=None, metadata={"help": "Sequence-classification RM."})
     reward_weights: list[float] | None = field(
