@@ -143,6 +143,14 @@ def test_reward_functions_get_grpo_keyword_arguments(rewards_file, tokenizer):
     assert "note" not in scored.column_names
 
 
+def test_log_metric_values_reach_the_command_output(rewards_file, model_dir, tmp_path, capsys):
+    data = tmp_path / "rows.jsonl"
+    Dataset.from_dict(ROWS).to_json(data)
+    cli(["score", "--dataset_name", str(data), "--output_dir", str(tmp_path / "out"), "--batch_size", "2",
+         "--reward_funcs", f"{MODULE}:grpo_kwargs", "--tokenizer_name_or_path", model_dir])  # fmt: skip
+    assert "seen: 2 (mean over 2 batches)" in capsys.readouterr().err  # len(completions) per batch, averaged
+
+
 def test_a_reward_model_scores_like_a_direct_forward(reward_model_dir):
     scored = score_completions(Dataset.from_dict(ROWS), reward_model=reward_model_dir, batch_size=4)
     (column,) = [c for c in scored.column_names if c.startswith("reward_")]
