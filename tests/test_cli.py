@@ -52,6 +52,8 @@ def test_help_lists_the_rpo_options(tmp_path):
     help_text = " ".join(result.stdout.split())  # argparse wraps the help texts
     assert "Temperature τ of RPO" in help_text
     assert "renamed to `prompt` before training" in help_text
+    for subcommand in ("generate", "score", "iterate"):  # the other commands are listed, as `trl --help` lists its
+        assert f"trl-rpo {subcommand} " in result.stdout
 
 
 @pytest.mark.slow

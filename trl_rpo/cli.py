@@ -13,6 +13,7 @@ The arguments are the fields of [`RPOScriptArguments`], [`RPOConfig`], [`~trl.Mo
 them, and an unknown key or flag is an error. `python -m trl_rpo` and `python -m trl_rpo.cli` run the same command.
 """
 
+import argparse
 import contextlib
 import logging
 import os
@@ -116,14 +117,29 @@ class RPOScriptArguments(ScriptArguments):
     )
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """`HfArgumentParser`'s defaults in the option help, and the subcommand list kept as written."""
+
+
+SUBCOMMANDS_HELP = """subcommands (each with its own --help):
+  trl-rpo generate   sample N completions per prompt from a model (batched, resumable, multi-process)
+  trl-rpo score      add a reward column from reward functions and/or a reward model
+  trl-rpo iterate    rounds of generate → score → train, each round's policy the next one's reference
+  trl-rpo [options]  train (this command; the options below)
+
+add --traceback to see where an error was raised"""
+
+
 def make_parser(prog: str | None = None) -> TrlParser:
     """The `trl-rpo` parser, over `RPOScriptArguments`, `RPOConfig`, `ModelConfig` and `DatasetMixtureConfig`."""
     return TrlParser(
         (RPOScriptArguments, RPOConfig, ModelConfig, DatasetMixtureConfig),
         prog=prog or "trl-rpo",
         allow_abbrev=False,  # a misspelled flag is an error, never a prefix match of another one
-        description="Train a model with Reward Partitioning Optimization (RPO, Faye et al., arXiv 2506.13702) on "
-        "(prompt, completion, reward) rows. Pass a YAML recipe with --config; flags override its keys.",
+        description="Train a model with Reward Partitioning Optimization (RPO, Faye et al., arXiv 2506.13702) on\n"
+        "(prompt, completion, reward) rows. Pass a YAML recipe with --config; flags override its keys.\n\n"
+        + SUBCOMMANDS_HELP,
+        formatter_class=_HelpFormatter,
     )
 
 
