@@ -91,6 +91,7 @@ def test_each_round_samples_from_and_is_regularised_towards_the_previous_policy(
     assert seeds[0] != seeds[1]
     for k in (1, 2):
         assert "RPO" in (rounds / f"round-{k}" / "model" / "README.md").read_text()
+    assert (rounds / "rounds.png").read_bytes().startswith(b"\x89PNG")  # the plot beside the table
     table = rounds_table(results)
     assert table.count("\n") == 4
     assert "held-out reward" in table

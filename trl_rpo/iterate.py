@@ -23,6 +23,7 @@ from .scoring import score_completions
 logger = get_logger(__name__)
 
 ROUNDS_FILE = "rounds.json"
+ROUNDS_PLOT = "rounds.png"
 QUANTIZED_ROUNDS = (
     "Iterative RPO merges each round's adapter into the next round's policy, which a quantized base cannot take "
     "exactly: drop the quantization options (`--load_in_4bit`, `--load_in_8bit`) for `iterate`."
@@ -109,6 +110,7 @@ def iterate_rpo(
         train_reward = sum(scored["reward"]) / len(scored)
         done.append(RoundResult(k, model_dir, len(scored), train_reward, eval_reward))
         _write_rounds(output, done, settings)
+        plot_rounds(done, output / ROUNDS_PLOT)
         logger.info(f"Round {k}/{rounds}: train reward {train_reward:.4f}, held-out reward {eval_reward:.4f}.")
     return done
 
@@ -130,6 +132,29 @@ def _eval_reward(model: str, prompts, num_generations: int, round_dir: Path, sco
     )
     scored = score_completions(samples, **scoring)
     return sum(scored["reward"]) / max(len(scored), 1)
+
+
+def plot_rounds(results: list[RoundResult], path: Path) -> None:
+    """The held-out reward and the mean reward of each round's samples against the round, beside `rounds.json`
+    (needs matplotlib: `pip install trl-rpo[plots]`; without it, a log line says so)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.info(f"No plot of the rounds ({path.name}): it needs matplotlib (`pip install trl-rpo[plots]`).")
+        return
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    rounds = [r.round for r in results]
+    ax.plot(rounds, [r.eval_reward for r in results], "o-", label="held-out reward (the round's policy)")
+    trained = [r for r in results if r.round > 0]
+    ax.plot([r.round for r in trained], [r.train_reward for r in trained], "s--", label="the round's samples")
+    ax.set(xlabel="round", ylabel="mean reward", xticks=rounds)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def _round_seed(base: int, k: int) -> int:
