@@ -56,9 +56,8 @@ def test_help_lists_the_rpo_options(tmp_path):
         assert f"trl-rpo {subcommand} " in result.stdout
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("processes", [1, 2])
-def test_tiny_recipe_trains_end_to_end(model_dir, tmp_path, processes):
+def _tiny_run(model_dir, tmp_path, processes: int, port: int = 29531) -> subprocess.CompletedProcess:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     rows = [
         {"instruction": f"{a} + {a} =", "response": f" {a + a + d}", "reward": 1.0 - abs(d), "source": "test"}
         for a in range(4)
@@ -74,15 +73,34 @@ def test_tiny_recipe_trains_end_to_end(model_dir, tmp_path, processes):
     ]  # fmt: skip
     env = _env(tmp_path)
     if processes == 2:  # relaunch through accelerate: 2 processes over gloo on this CPU-only machine
-        command += ["--accelerate_config", "multi_cpu", "--main_process_port", "29531"]
+        command += ["--accelerate_config", "multi_cpu", "--main_process_port", str(port)]
         env["ACCELERATE_USE_CPU"] = "true"
-    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300, check=False)
+    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300, check=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("processes", [1, 2])
+def test_tiny_recipe_trains_end_to_end(model_dir, tmp_path, processes):
+    result = _tiny_run(model_dir, tmp_path, processes)
+    out = tmp_path / "out"
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"Training completed on {processes} process(es)" in result.stdout
     assert (out / "model.safetensors").exists()
     card = (out / "README.md").read_text()
     assert "RPO" in card
     assert "2506.13702" in card
+
+
+@pytest.mark.slow
+def test_a_two_process_run_exits_by_itself_every_time(model_dir, tmp_path):
+    """Once in about seven launches a rank hung at exit in the gloo group's destructor (DDP's Reducer freed after
+    the group, the other rank gone) or aborted. Six launches in a row, no retry: each exits 0 within its time limit,
+    with the wrapped model freed before the group was destroyed on every rank."""
+    for launch in range(6):
+        result = _tiny_run(model_dir, tmp_path / str(launch), 2, port=29541 + launch)
+        assert result.returncode == 0, f"launch {launch}: {result.stderr[-3000:]}"
+        assert "Training completed on 2 process(es)" in result.stdout
+        assert "still referenced when the process group is destroyed" not in result.stderr
 
 
 @pytest.mark.parametrize("flag", ["--dataset_streaming", "--streaming"])
