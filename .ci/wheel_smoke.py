@@ -55,23 +55,19 @@ def _free_port() -> int:
 
 
 def _run(name: str, command, work: Path, env: dict, timeout: int = 300) -> str:
-    """Run `command()` and return its last line of output. A run that hangs (seen once on a CI machine, in the
-    2-process launch) is killed with its whole process group, prints what it wrote, and is tried once more on a new
-    port, so that a hang fails in minutes instead of eating CI's time."""
-    for attempt in (1, 2):
-        process = subprocess.Popen(command(), cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                   text=True, start_new_session=True)  # fmt: skip
-        try:
-            output, _ = process.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)  # the launcher's workers too, or their pipes never close
-            output, _ = process.communicate()
-            print(f"{name}: no result after {timeout} s (try {attempt}); its last output:\n{output[-3000:]}")
-            continue
-        if process.returncode != 0:
-            sys.exit(f"{name}: trl-rpo failed\n{output[-4000:]}")
-        return output.strip().splitlines()[-1]
-    sys.exit(f"{name}: trl-rpo hung twice")
+    """Run `command()` once and return its last line of output. A run that does not end within `timeout` is a bug
+    (every rank must exit by itself): it is killed with its whole process group, and CI fails with its output."""
+    process = subprocess.Popen(command(), cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, start_new_session=True)  # fmt: skip
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)  # the launcher's workers too, or their pipes never close
+        output, _ = process.communicate()
+        sys.exit(f"{name}: trl-rpo did not exit within {timeout} s; its last output:\n{output[-3000:]}")
+    if process.returncode != 0:
+        sys.exit(f"{name}: trl-rpo failed\n{output[-4000:]}")
+    return output.strip().splitlines()[-1]
 
 
 if __name__ == "__main__":
