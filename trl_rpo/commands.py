@@ -273,6 +273,8 @@ def generate_main(argv: list[str]) -> None:
     state.print(
         f"✅ {len(rows)} completions on {state.num_processes} process(es): {args.output_dir}/{COMPLETIONS_FILE}"
     )
+    state.wait_for_everyone()  # every rank leaves together, then the group goes: no rank waits at exit for another
+    state.destroy_process_group()
 
 
 def _relaunch(parser: TrlParser, argv: list[str], subcommand: str) -> None:
