@@ -81,6 +81,11 @@ def test_each_round_samples_from_and_is_regularised_towards_the_previous_policy(
         assert results[k].train_reward == pytest.approx(sum(r["reward"] for r in scored) / len(scored))
         assert results[k].train_reward == pytest.approx(sum(len(r["completion"]) / 10 for r in scored) / len(scored))
     assert all(math.isfinite(r.eval_reward) for r in results)
+    for k in (1, 2):  # the share of samples cut at the limit, read from the samples' `finished`
+        finished = [json.loads(line)["finished"] for line in
+                    (rounds / f"round-{k}" / "samples" / "completions.jsonl").read_text().splitlines()]  # fmt: skip
+        assert results[k].train_cut == pytest.approx(1 - sum(finished) / len(finished))
+    assert 0 <= results[0].eval_cut <= 1
     saved = json.loads((rounds / ROUNDS_FILE).read_text(), parse_constant=pytest.fail)  # strict JSON: no NaN
     assert [row["round"] for row in saved["rounds"]] == [0, 1, 2]
     assert [row["model"] for row in saved["rounds"]] == [model_dir, "round-1/model", "round-2/model"]  # relative

@@ -39,6 +39,8 @@ class RoundResult:
     train_rows: int  # scored samples of the policy that started the round (0 for round 0)
     train_reward: float  # their mean reward: the reward of the round's starting policy, on the training prompts
     eval_reward: float  # mean reward of samples of `model` on the held-out prompts (NaN without them)
+    train_cut: float = math.nan  # share of the round's samples that reached `max_new_tokens` before ending
+    eval_cut: float = math.nan  # the same, held-out: a reward read from a cut answer is not the answer's
 
 
 def iterate_rpo(
@@ -89,8 +91,8 @@ def iterate_rpo(
     revision = (args.model_init_kwargs or {}).get("revision")  # the initial model's; round models are local folders
     if not done:
         initial = sampling | {"seed": base_seed, "revision": revision}
-        initial_eval = _eval_reward(model, eval_prompts, eval_num_generations, output / "round-0", scoring, initial)
-        done = [RoundResult(0, model, 0, math.nan, initial_eval)]
+        reward, cut = _eval_reward(model, eval_prompts, eval_num_generations, output / "round-0", scoring, initial)
+        done = [RoundResult(0, model, 0, math.nan, reward, eval_cut=cut)]
         _write_rounds(output, done, settings)
     reference = _load_model(model, args) if anchor_to_initial_reference else None
     for k in range(len(done), rounds + 1):
@@ -106,9 +108,10 @@ def iterate_rpo(
         trainer = RPOTrainer(policy, reference, round_args, train_dataset=scored, peft_config=peft_config)
         trainer.train(resume_from_checkpoint=_last_checkpoint(round_args.output_dir))  # a crashed round resumes
         model_dir = _save_policy(trainer, round_dir / "model", name=f"{output.name}-round-{k}")
-        eval_reward = _eval_reward(model_dir, eval_prompts, eval_num_generations, round_dir, scoring, round_sampling)
+        eval_reward, eval_cut = _eval_reward(model_dir, eval_prompts, eval_num_generations, round_dir, scoring,
+                                             round_sampling)  # fmt: skip
         train_reward = sum(scored["reward"]) / len(scored)
-        done.append(RoundResult(k, model_dir, len(scored), train_reward, eval_reward))
+        done.append(RoundResult(k, model_dir, len(scored), train_reward, eval_reward, _cut(samples), eval_cut))
         _write_rounds(output, done, settings)
         plot_rounds(done, output / ROUNDS_PLOT)
         logger.info(f"Round {k}/{rounds}: train reward {train_reward:.4f}, held-out reward {eval_reward:.4f}.")
@@ -117,21 +120,32 @@ def iterate_rpo(
 
 def rounds_table(results: list[RoundResult]) -> str:
     """The per-round table, in Markdown."""
-    lines = ["| round | samples | mean reward of the samples | held-out reward | policy |", "|---|---|---|---|---|"]
+    lines = [
+        "| round | samples | mean reward of the samples | cut | held-out reward | cut | policy |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    share = lambda value: "—" if math.isnan(value) else f"{value:.0%}"  # noqa: E731
     for r in results:
         train = "—" if r.round == 0 else f"{r.train_reward:.4f}"
-        lines.append(f"| {r.round} | {r.train_rows} | {train} | {r.eval_reward:.4f} | `{r.model}` |")
+        lines.append(f"| {r.round} | {r.train_rows} | {train} | {share(r.train_cut)} | {r.eval_reward:.4f} | "
+                     f"{share(r.eval_cut)} | `{r.model}` |")  # fmt: skip
     return "\n".join(lines)
 
 
-def _eval_reward(model: str, prompts, num_generations: int, round_dir: Path, scoring: dict, sampling: dict) -> float:
+def _cut(samples: Dataset) -> float:
+    """The share of samples that reached the token limit before their end (`finished` is False)."""
+    return 1.0 - sum(samples["finished"]) / max(len(samples), 1)
+
+
+def _eval_reward(model: str, prompts, num_generations: int, round_dir: Path, scoring: dict, sampling: dict):
+    """The mean reward of the samples of `model` on the held-out prompts, and the share of them cut at the limit."""
     if prompts is None:
-        return math.nan
+        return math.nan, math.nan
     samples = generate_completions(
         prompts, model=model, output_dir=round_dir / "eval", num_generations=num_generations, **sampling
     )
     scored = score_completions(samples, **scoring)
-    return sum(scored["reward"]) / max(len(scored), 1)
+    return sum(scored["reward"]) / max(len(scored), 1), _cut(samples)
 
 
 def plot_rounds(results: list[RoundResult], path: Path) -> None:
