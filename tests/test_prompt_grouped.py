@@ -160,9 +160,27 @@ def test_targets_dominated_by_their_level_are_warned_about(model_dir, make_args,
     assert stats["data/train_target_level"] > stats["data/train_target_contrast"] > 0
     assert "mostly move each prompt's completions together" in caplog.text
     assert "partition_temperature=float('inf')" in caplog.text
+    assert "value_shrinkage='empirical_bayes'" in caplog.text
     caplog.clear()
     options = {"partition_estimator": "monte_carlo", "partition_temperature": math.inf, "logps_aggregation": "sum"}
     with caplog.at_level(logging.WARNING):
         trainer = RPOTrainer(model_dir, args=make_args(**options), train_dataset=dataset)
     assert trainer._data_stats["data/train_target_level"] == pytest.approx(0.0, abs=1e-12)
     assert "mostly move" not in caplog.text
+
+
+@pytest.mark.parametrize(("learning_rate", "warned"), [(1e-9, True), (5e-2, False)])
+def test_a_run_that_barely_moved_is_warned_about(model_dir, make_args, caplog, learning_rate, warned):
+    """Kept from a KTO setup, a learning rate far too small for the model leaves every log-ratio near 0: at the end of
+    training the trainer says so, with the numbers and what to change; a run that moved says nothing."""
+    options = {"partition_estimator": "monte_carlo", "partition_temperature": math.inf, "logps_aggregation": "sum"}
+    args = make_args(max_steps=4, learning_rate=learning_rate, beta=0.5, **options)
+    trainer = RPOTrainer(model_dir, args=args, train_dataset=Dataset.from_dict(reward_rows(num_prompts=4)))
+    with caplog.at_level(logging.WARNING):
+        trainer.train()
+    moved, asked = (sum(v) / len(v) for v in zip(*trainer._recent_moves, strict=True))
+    assert len(trainer._recent_moves) == 4
+    assert ("Training barely moved the policy" in caplog.text) == warned
+    assert (moved**0.5 < 0.05 * asked**0.5) == warned  # the check reads what the steps recorded
+    if warned:
+        assert "Raise `learning_rate`" in caplog.text

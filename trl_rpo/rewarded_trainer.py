@@ -2,6 +2,7 @@
 reference pass, the policy's completion log-probs, metrics, logging and evaluation. Each objective adds the per-row
 columns it stores (`_row_columns`) and its loss (`_loss_from_logps`)."""
 
+import collections
 import contextlib
 import logging
 from collections.abc import Callable
@@ -122,6 +123,8 @@ class RewardedCompletionsTrainer(ReferencePassMixin, KTOTrainer):
         self._data_stats_logged = False
         self._eval_prefix = "eval"
         self._pair_counts = {"train": [0.0, 0.0], "eval": [0.0, 0.0]}
+        # mean log-ratio² and target² of the last training steps: how far the policy moved, against how far it is asked
+        self._recent_moves: collections.deque[tuple[float, float]] = collections.deque(maxlen=_RECENT_STEPS)
         self._eval_rows: list[torch.Tensor] = []  # (log-ratio, reward, group) of rows evaluated since the last log
         self._ref_weights_digest: str | None = None
         self._ref_model_released = False
@@ -396,6 +399,8 @@ class RewardedCompletionsTrainer(ReferencePassMixin, KTOTrainer):
         metrics["value"].append(value.mean().item())
         metrics["rewards/implicit"].append(self.args.beta * log_ratio.mean().item())
         metrics["_residual_sq"].append(residual.pow(2).mean().item())
+        if mode == "train":
+            self._recent_moves.append((log_ratio.pow(2).mean().item(), target.pow(2).mean().item()))
         metrics["entropy"].append((entropy.sum() / completion_tokens.sum().clamp(min=1)).item())
         if mode == "eval":  # ranked over the whole split at `log`, not only pairs that share a batch
             self._eval_rows.append(torch.stack([log_ratio.double(), reward.double(), groups.double()], dim=1))
@@ -480,6 +485,7 @@ def _per_row(row_lengths: torch.Tensor, token_logps: torch.Tensor, mask: torch.T
 
 # Attention implementations that read per-row position ids of one packed sequence as separate sequences
 # (transformers' masking utilities for sdpa/eager/flex, `cu_seqlens` for flash-attention).
+_RECENT_STEPS = 10  # the training steps whose movement the end-of-training check reads
 _PACKING_ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
 
 

@@ -18,6 +18,7 @@ logger = get_logger(__name__)
 _MAX_TARGET = 1e18
 # Warn when the targets' per-prompt level (RMS) exceeds their within-prompt contrast by this factor.
 _LEVEL_WARNING = 1.0
+_MOVED_WARNING = 0.05  # log-ratio RMS below 5 % of the target RMS at the end of training: the policy did not move
 
 
 class RPOTrainer(RewardedCompletionsTrainer):
@@ -196,9 +197,34 @@ class RPOTrainer(RewardedCompletionsTrainer):
                 "steps raising or lowering whole prompts rather than favouring their better completions, and the "
                 "reward may barely move. This comes from the partition estimate: the empirical one adds "
                 "−log Σ π_ref(y|x) to every row of completions sampled from a model, the Monte-Carlo one with few "
-                "samples per prompt and a small `beta` pushes every worse completion down by ≈ 1/beta. Set "
-                "`partition_estimator='monte_carlo'` with `partition_temperature=float('inf')` (targets are then the "
-                "contrast alone) and `logps_aggregation='sum'`; see docs/loss.md, 'The level of the target'."
+                "samples per prompt and a small `beta` pushes every worse completion down by ≈ 1/beta. For "
+                "completions sampled from the model, set `partition_estimator='monte_carlo'` with "
+                "`partition_temperature=float('inf')` and `value_shrinkage='empirical_bayes'` (the contrast, and a "
+                "level shrunk towards the pooled value), `logps_aggregation='sum'` and a small `beta` (0.05 moved "
+                "the most on the frontier benchmark); see docs/loss.md, 'The level of the target'."
+            )
+
+    def train(self, *args, **kwargs):
+        """[`~transformers.Trainer.train`], then a warning if the policy barely moved towards its targets."""
+        output = super().train(*args, **kwargs)
+        self._warn_if_barely_moved()
+        return output
+
+    def _warn_if_barely_moved(self) -> None:
+        """A run that ends with log-ratios a few percent of its targets (in RMS, over the last steps) has not trained:
+        typically a learning rate made for another setting (KTO's default 1e-6 on a LoRA adapter)."""
+        if not self._recent_moves:
+            return
+        moved, asked = (sum(values) / len(values) for values in zip(*self._recent_moves, strict=True))
+        moved, asked = moved**0.5, asked**0.5
+        if asked > 0 and moved < _MOVED_WARNING * asked:
+            logger.warning(
+                f"Training barely moved the policy: over its last {len(self._recent_moves)} steps the log-ratios "
+                f"log π_θ/π_ref have an RMS of {moved:.3g} against targets of {asked:.3g} (RMS), "
+                f"{moved / asked:.1%} of the way. Raise `learning_rate` (LoRA adapters want ≈ 1e-4 to 1e-3; KTO's "
+                "default 1e-6 is for full fine-tuning), train longer, or lower `beta` for larger targets; if the "
+                "data's targets are mostly a level shared by each prompt's rows (see the warning at the start), "
+                "change the partition estimate as it says."
             )
 
     def _loss_from_logps(self, batch, policy_logps: torch.Tensor, outputs) -> tuple[torch.Tensor, RowMetrics]:
