@@ -85,7 +85,7 @@ FAMILIES = {
     "rpo_mc_tzinf_eb": (
         "rpo",
         SUM_MC | {"partition_temperature": math.inf, "value_shrinkage": "empirical_bayes"},
-        (0.5, 0.25, 0.1, 0.05, 0.025),
+        (0.5, 0.25, 0.1, 0.05, 0.025, 0.0125),
     ),
     "rpo_mc_lw0.1": ("rpo", SUM_MC | GROUPED | {"level_weight": 0.1}, (0.25, 0.1, 0.05)),
     "rpo_mc_tzinf_lw0.1": (
