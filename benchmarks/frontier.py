@@ -741,8 +741,9 @@ def goals_markdown(result: dict) -> str:
                          + ", ".join(f"{f} {v:.3f}" for f, v in bound.items() if f in PARTITIONED and not
                                      math.isnan(v)))  # fmt: skip
         if "format_0.75" in entry:
-            lines.append("Format: the most reward at ≤ 5.6 nats: "
-                         + ", ".join(f"{f} {v:.3f}" for f, v in entry["format_0.75"].items()))  # fmt: skip
+            reached = {f: v for f, v in entry["format_0.75"].items() if not math.isnan(v)}
+            verdicts = [f"{f} {'met' if v >= 0.75 else 'not met'} ({v:.3f})" for f, v in reached.items()]
+            lines.append("Format, ≥ 0.75 at ≤ 5.6 nats: " + ", ".join(verdicts))
     return "\n".join(lines)
 
 
