@@ -112,11 +112,15 @@ def test_streaming_is_refused(flag, tmp_path):
 
 @pytest.mark.parametrize("module", ["trl_rpo", "trl_rpo.cli"])
 @pytest.mark.filterwarnings("ignore:'trl_rpo.cli' found in sys.modules:RuntimeWarning")  # runpy, after our import
-def test_python_dash_m_runs_the_command(module, tmp_path, monkeypatch):
+def test_python_dash_m_runs_the_command(module, tmp_path, monkeypatch, capsys):
     argv = ["trl-rpo", "--dataset_name", "any/dataset", "--dataset_streaming", "true", "--output_dir", str(tmp_path)]
     monkeypatch.setattr(sys, "argv", [*argv, "--use_cpu", "true"])
-    with pytest.raises(ValueError, match="map-style dataset"):
+    with pytest.raises(SystemExit) as info:  # the console command: a user error is one line and exit status 2
         runpy.run_module(module, run_name="__main__")
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "trl-rpo: error: " in err
+    assert "map-style dataset" in err
 
 
 def test_entry_point_is_cli():
