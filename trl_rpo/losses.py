@@ -528,21 +528,3 @@ def pairwise_ranking_counts(
             correct += (valid & ~tie & (torch.sign(d_s) == torch.sign(d_r))).sum() + 0.5 * (valid & tie).sum()
             total += valid.sum()
     return correct, total
-    _, dense, counts = torch.unique(g, return_inverse=True, return_counts=True)
-    size = counts[dense]
-    order = torch.argsort(size * counts.numel() + dense)  # rows by group size, then group: each group contiguous
-    s, r, size = s[order], r[order], size[order]
-    for k in torch.unique(size).tolist():
-        if k < 2:
-            continue
-        same_size = size == k
-        scores, targets = s[same_size].view(-1, k), r[same_size].view(-1, k)
-        upper = torch.ones(k, k, dtype=torch.bool, device=s.device).triu(diagonal=1)
-        step = max(1, _PAIR_CHUNK // (k * k))
-        for start in range(0, scores.size(0), step):
-            d_s = scores[start : start + step, :, None] - scores[start : start + step, None, :]
-            d_r = targets[start : start + step, :, None] - targets[start : start + step, None, :]
-            valid = upper & (d_r != 0)
-            correct += (valid & (torch.sign(d_s) == torch.sign(d_r))).sum()
-            total += valid.sum()
-    return correct, total
