@@ -56,7 +56,9 @@ def test_help_lists_the_rpo_options(tmp_path):
         assert f"trl-rpo {subcommand} " in result.stdout
 
 
-def _tiny_run(model_dir, tmp_path, processes: int, port: int = 29531) -> subprocess.CompletedProcess:
+def _tiny_run(
+    model_dir, tmp_path, processes: int, port: int = 29531, accelerate_config: str = "multi_cpu"
+) -> subprocess.CompletedProcess:
     tmp_path.mkdir(parents=True, exist_ok=True)
     rows = [
         {"instruction": f"{a} + {a} =", "response": f" {a + a + d}", "reward": 1.0 - abs(d), "source": "test"}
@@ -73,8 +75,12 @@ def _tiny_run(model_dir, tmp_path, processes: int, port: int = 29531) -> subproc
     ]  # fmt: skip
     env = _env(tmp_path)
     if processes == 2:  # relaunch through accelerate: 2 processes over gloo on this CPU-only machine
-        command += ["--accelerate_config", "multi_cpu", "--main_process_port", str(port)]
-        env["ACCELERATE_USE_CPU"] = "true"
+        command += ["--accelerate_config", accelerate_config, "--num_processes", "2", "--main_process_port", str(port)]
+        if accelerate_config == "multi_cpu":
+            env["ACCELERATE_USE_CPU"] = "true"
+        else:  # DeepSpeed on this CPU-only machine: its CPU accelerator, with the recipe's `use_cpu` off
+            command += ["--use_cpu", "false", "--mixed_precision", "no"]
+            env["DS_ACCELERATOR"] = "cpu"
     return subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300, check=False)
 
 
@@ -101,6 +107,15 @@ def test_a_two_process_run_exits_by_itself_every_time(model_dir, tmp_path):
         assert result.returncode == 0, f"launch {launch}: {result.stderr[-3000:]}"
         assert "Training completed on 2 process(es)" in result.stdout
         assert "still referenced when the process group is destroyed" not in result.stderr
+
+
+@pytest.mark.slow
+def test_a_zero3_run_trains_and_exits(model_dir, tmp_path):
+    """`--accelerate_config zero3` (DeepSpeed's CPU accelerator here): trains, saves and every rank exits 0."""
+    result = _tiny_run(model_dir, tmp_path, 2, port=29551, accelerate_config="zero3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Training completed on 2 process(es) (DEEPSPEED)" in result.stdout  # not a plain two-process run
+    assert (tmp_path / "out" / "model.safetensors").exists()
 
 
 @pytest.mark.parametrize("flag", ["--dataset_streaming", "--streaming"])

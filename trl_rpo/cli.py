@@ -19,7 +19,6 @@ import gc
 import logging
 import os
 import sys
-import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -284,7 +283,9 @@ def main(
         peft_config=get_peft_config(model_args),
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.accelerator.print(f"✅ Training completed on {trainer.accelerator.num_processes} process(es).")
+    accelerator = trainer.accelerator
+    how = f" ({accelerator.distributed_type.value})" if accelerator.num_processes > 1 else ""
+    accelerator.print(f"✅ Training completed on {accelerator.num_processes} process(es){how}.")
 
     # Save (with a model card: KTOTrainer writes one only with a checkpoint) and push to the Hub
     trainer.save_model(training_args.output_dir)
@@ -297,32 +298,9 @@ def main(
         trainer.push_to_hub(dataset_name=dataset_id)
         trainer.accelerator.print(f"🤗 Model pushed to the Hub in https://huggingface.co/{trainer.hub_model_id}.")
 
-    leave_together(trainer)
-
-
-def leave_together(trainer: RPOTrainer) -> None:
-    """
-    End a (possibly multi-process) run so that every rank exits by itself. `Trainer.end` destroys the process group
-    but leaves DDP's `Reducer` alive inside the wrapped model; freed at interpreter exit, after another rank may have
-    gone, it took the gloo group's destructor into a wait that never ended (or an abort). So, in order, on every rank:
-    wait for all; drop every reference to the wrapped model, optimizer and scheduler (the trainer's and the
-    accelerator's) and collect them while all ranks are alive; wait again; then finish the trackers and destroy the
-    group (`Trainer.end`).
-    """
-    accelerator = trainer.accelerator
-    accelerator.wait_for_everyone()
-    wrapped = weakref.ref(trainer.model_wrapped) if trainer.model_wrapped is not trainer.model else None
-    accelerator.free_memory()  # the accelerator's own references (models, optimizers, schedulers, dataloaders)
-    trainer.model_wrapped = trainer.model
-    trainer.optimizer = trainer.lr_scheduler = None
+    trainer.end()  # every rank exits by itself
+    del trainer  # its model may hold the process group (ZeRO-3, FSDP2): let both go before interpreter shutdown
     gc.collect()
-    if wrapped is not None and wrapped() is not None:
-        logger.warning(
-            f"The wrapped model ({type(wrapped()).__name__}) is still referenced when the process group is destroyed: "
-            "this process may not exit. Please report it with the command you ran."
-        )
-    accelerator.wait_for_everyone()
-    trainer.end()
 
 
 class _StderrHandler(logging.StreamHandler):

@@ -4,7 +4,9 @@ columns it stores (`_row_columns`) and its loss (`_loss_from_logps`)."""
 
 import collections
 import contextlib
+import gc
 import logging
+import weakref
 from collections.abc import Callable
 from typing import Any, ClassVar, NamedTuple
 
@@ -13,6 +15,7 @@ import torch
 from accelerate.logging import get_logger
 from accelerate.utils import is_peft_model
 from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
+from torch.nn.parallel import DistributedDataParallel
 from transformers import (
     AutoConfig,
     AutoProcessor,
@@ -463,6 +466,56 @@ class RewardedCompletionsTrainer(ReferencePassMixin, KTOTrainer):
             prefix = metric_key_prefix if not isinstance(eval_dataset, dict) else f"{metric_key_prefix}_{name}"
             metrics |= super(KTOTrainer, self).evaluate(split, ignore_keys, prefix)
         return metrics
+
+    def end(self) -> None:
+        """
+        Finish the trackers and destroy the process group, as [`~transformers.Trainer.end`], so that every rank
+        exits by itself. Call it once, at the very end of a script, then drop the trainer (`del trainer`): its model
+        may still hold the group (ZeRO-3 parameters, FSDP2 meshes), and the group should go before the interpreter
+        shuts down.
+
+        A gloo process group joins its worker threads only when its last reference goes; `destroy_process_group`
+        drops torch's references only. A group that lives on into interpreter shutdown can hang there (DDP: the
+        `Reducer` in the wrapped model waits for a rank that is gone) or abort (SIGABRT, "terminate called without
+        an active exception": a worker thread frees a finished all-gather, needs the GIL, and the finalizing
+        interpreter ends the thread). So, on every rank: wait for all; drop the wrapped model, the DeepSpeed
+        engines, the optimizer and the scheduler (the trainer's and the accelerator's) and DeepSpeed's own hold on
+        the models; collect them while every rank is alive; wait again; then finish as `Trainer.end` does.
+        """
+        accelerator = self.accelerator
+        accelerator.wait_for_everyone()
+        ddp = self.model_wrapped if isinstance(self.model_wrapped, DistributedDataParallel) else None
+        ddp = weakref.ref(ddp) if ddp is not None else None
+        accelerator.free_memory()  # the accelerator's own references (and its DeepSpeed engine's hooks)
+        self.model_wrapped = self.model
+        self.deepspeed = self._precompute_engine = None
+        self.optimizer = self.lr_scheduler = None
+        if self.is_deepspeed_enabled:
+            _release_from_deepspeed(self.model, self.ref_model)
+        gc.collect()
+        if ddp is not None and ddp() is not None:
+            logger.warning(
+                "The DistributedDataParallel model is still referenced when the process group is destroyed: this "
+                "process may not exit. Please report it with the script or command you ran."
+            )
+        accelerator.wait_for_everyone()
+        super().end()
+
+
+def _release_from_deepspeed(*models: torch.nn.Module | None) -> None:
+    """Drop DeepSpeed's module-level holds on the models it prepared, which would keep them, and the process group
+    their ZeRO-3 parameters hold, alive until interpreter shutdown: the forward-module stack (`FWD_MODULE_STACK`,
+    whose root entry is never popped) and the parameter coordinator's release plan (an `lru_cache` on a method,
+    keyed by coordinator and submodule). tests/test_cli.py fails loudly when either moves."""
+    from deepspeed.runtime.zero import parameter_offload
+    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
+
+    ours = {id(module) for model in models if model is not None for module in model.modules()}
+    parameter_offload.FWD_MODULE_STACK[:] = [m for m in parameter_offload.FWD_MODULE_STACK if id(m) not in ours]
+    release_plan = PartitionedParameterCoordinator._PartitionedParameterCoordinator__params_to_release
+    for cell in release_plan.__closure__ or ():  # under DeepSpeed's `instrument_w_nvtx` wrapper
+        if hasattr(cell.cell_contents, "cache_clear"):
+            cell.cell_contents.cache_clear()
 
 
 def _attention_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -2,9 +2,11 @@
 what the test compares (targets, reference log-probs, logged losses, what the target pass did on the rank) to
 `<output_dir>/rank<k>.json`."""
 
+import gc
 import json
 import os
 import sys
+import weakref
 
 import torch
 from accelerate import PartialState
@@ -36,7 +38,7 @@ def force_fsdp_on_cpu() -> None:
     AcceleratorState.__init__ = init
 
 
-def main(model_dir: str, output_dir: str, extra: str) -> None:
+def main(model_dir: str, output_dir: str, extra: str):
     torch.set_num_threads(1)
     options = json.loads(extra)
     if options.pop("force_fsdp_on_cpu", False):
@@ -93,13 +95,17 @@ def main(model_dir: str, output_dir: str, extra: str) -> None:
     state = PartialState()
     with open(os.path.join(output_dir, f"rank{state.process_index}.json"), "w") as f:
         json.dump(record, f)
-    trainer.end()  # destroys the process group: gloo's threads left running at exit can abort a rank
-    # ... and so can DeepSpeed's objects when the interpreter finalises them ("terminate called without an active
-    # exception", SIGABRT, seen once in CI after a ZeRO-3 run): every result is on disk, so leave without finalising.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    holds = {"model": weakref.ref(trainer.model)}
+    if torch.distributed.is_initialized():
+        holds["group"] = weakref.ref(torch.distributed.group.WORLD)
+    trainer.end()  # as `trl-rpo` ends a run; the trainer goes with this frame
+    return output_dir, state.process_index, holds
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    output_dir, rank, holds = main(*sys.argv[1:4])
+    gc.collect()
+    # What is still alive once the trainer is gone, and would be torn down during interpreter shutdown (a process
+    # group there can abort the process): the test reads it.
+    with open(os.path.join(output_dir, f"exit{rank}.json"), "w") as f:
+        json.dump({name: ref() is not None for name, ref in holds.items()}, f)

@@ -2,9 +2,11 @@
 no persistence threshold, so every rank holds only empty placeholders of every weight, and writes, per rank, the
 reference-cache weights digest of each model to `<output_dir>/rank<k>.json`."""
 
+import gc
 import json
 import os
 import sys
+import weakref
 
 import deepspeed
 import torch
@@ -28,10 +30,18 @@ def main(output_dir: str, *model_dirs: str) -> None:
         # what a naive hash would read: empty local tensors, with only their dtype to tell models apart
         record["placeholders"].append(all(hasattr(p, "ds_id") and p.numel() == 0 for p in params))
         record["digests"].append(weights_digest(model))
-    del keep_alive
     with open(os.path.join(output_dir, f"rank{torch.distributed.get_rank()}.json"), "w") as f:
         json.dump(record, f)
-    torch.distributed.destroy_process_group()
+    # Leave as `trl-rpo` does: the ZeRO-3 parameters hold the process group, and a group left to interpreter shutdown
+    # can abort it (a gloo thread frees a finished all-gather and needs the GIL), so drop them, then the group.
+    world = weakref.ref(torch.distributed.group.WORLD)
+    del keep_alive, model, params
+    gc.collect()
+    torch.distributed.barrier()
+    deepspeed.comm.destroy_process_group()  # also drops DeepSpeed's own references to the group
+    gc.collect()
+    if world() is not None:
+        sys.exit("the process group is still referenced after the run: this process may abort at exit")
 
 
 if __name__ == "__main__":
