@@ -87,6 +87,11 @@ FAMILIES = {
         SUM_MC | {"partition_temperature": math.inf, "value_shrinkage": "empirical_bayes"},
         (0.5, 0.25, 0.1, 0.05, 0.025, 0.0125),
     ),
+    "rpo_mc_tzinf_eb_h1": (  # the same, with Huber's loss of the residual (its gradient clipped to ±1 nat)
+        "rpo",
+        SUM_MC | {"partition_temperature": math.inf, "value_shrinkage": "empirical_bayes", "huber_delta": 1.0},
+        (0.05, 0.0125),
+    ),
     "rpo_mc_lw0.1": ("rpo", SUM_MC | GROUPED | {"level_weight": 0.1}, (0.25, 0.1, 0.05)),
     "rpo_mc_tzinf_lw0.1": (
         "rpo",
@@ -104,7 +109,8 @@ LEARNING_RATES = {
 PARENT = {"kto_time": "kto_rec", "rpo_mc_tz1": "rpo_mc", "rpo_mc_lw0.1": "rpo_mc"}
 KTO_FAMILIES = ("kto", "kto_rec", "kto_time")
 PARTITIONED = (
-    "rpo_mc", "rpo_mc_eb", "rpo_mc_tzinf", "rpo_mc_tz1", "rpo_mc_tzinf_eb", "rpo_mc_lw0.1", "rpo_mc_tzinf_lw0.1",
+    "rpo_mc", "rpo_mc_eb", "rpo_mc_tzinf", "rpo_mc_tz1", "rpo_mc_tzinf_eb", "rpo_mc_tzinf_eb_h1", "rpo_mc_lw0.1",
+    "rpo_mc_tzinf_lw0.1",
 )  # fmt: skip
 
 

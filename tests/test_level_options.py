@@ -265,3 +265,51 @@ def test_level_weight_needs_group_ids_and_a_valid_value():
     for bad in (-0.1, math.inf, math.nan):
         with pytest.raises(ValueError, match="level_weight"):
             losses.rpo_loss(*args, torch.tensor([0, 0]), level_weight=bad)
+
+
+# the Huber residual loss ------------------------------------------------------------------------------------------
+
+
+def test_huber_loss_by_hand():
+    """delta = 1: residuals 3, 0.5, -2 give 1 * (3 - 0.5) = 2.5, 0.5 * 0.25 = 0.125, 1 * (2 - 0.5) = 1.5, and
+    gradients clipped to 1, 0.5, -1; a dropped row keeps a NaN loss and no gradient."""
+    policy = _t([3.0, 0.5, -2.0, 7.0]).requires_grad_()
+    targets = _t([0.0, 0.0, 0.0, math.nan])
+    out = losses.rpo_loss(policy, torch.zeros(4, dtype=F64), targets, huber_delta=1.0)
+    torch.testing.assert_close(out.losses[:3], _t([2.5, 0.125, 1.5]))
+    assert math.isnan(out.losses[3])
+    out.losses[:3].sum().backward()
+    torch.testing.assert_close(policy.grad, _t([1.0, 0.5, -1.0, 0.0]))
+
+
+@pytest.mark.parametrize("delta", [0.1, 1.0, 4.0])
+def test_huber_loss_naive_parity(delta):
+    gen = torch.Generator().manual_seed(int(delta * 10))
+    ref, targets = torch.randn(20, dtype=F64, generator=gen), torch.randn(20, dtype=F64, generator=gen)
+    policy = (ref + targets + 2 * delta * torch.randn(20, dtype=F64, generator=gen)).requires_grad_()  # δ ~ ±2·delta
+    out = losses.rpo_loss(policy, ref, targets, huber_delta=delta)
+    out.losses.sum().backward()
+    residuals = (policy - ref - targets).detach().tolist()
+    expected = [0.5 * d * d if abs(d) <= delta else delta * (abs(d) - delta / 2) for d in residuals]
+    torch.testing.assert_close(out.losses.detach(), _t(expected))
+    torch.testing.assert_close(policy.grad, _t([max(-delta, min(delta, d)) for d in residuals]))
+    assert any(abs(d) > delta for d in residuals)  # both branches ran
+    assert any(abs(d) <= delta for d in residuals)
+
+
+def test_huber_loss_with_a_wide_threshold_is_the_plain_loss():
+    policy, ref, targets = _t([0.3, -1.2, 2.0]), _t([0.1, 0.0, -0.5]), _t([1.0, -2.0, 0.5])
+    plain = losses.rpo_loss(policy, ref, targets).losses
+    torch.testing.assert_close(losses.rpo_loss(policy, ref, targets, huber_delta=100.0).losses, plain)
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, math.inf, math.nan, True])
+def test_huber_delta_must_be_positive_and_finite(bad):
+    with pytest.raises(ValueError, match="huber_delta"):
+        losses.rpo_loss(_t([0.0]), _t([0.0]), _t([1.0]), huber_delta=bad)
+
+
+def test_huber_delta_needs_the_plain_level_weight():
+    with pytest.raises(ValueError, match="level_weight=1"):
+        losses.rpo_loss(_t([0.0, 1.0]), _t([0.0, 0.0]), _t([1.0, 0.0]), torch.tensor([0, 0]),
+                        level_weight=0.5, huber_delta=1.0)  # fmt: skip

@@ -95,6 +95,29 @@ def test_first_logged_loss_is_half_mean_squared_target(
     assert first["data/train_sparse_prompts"] == 1.0
 
 
+def test_first_logged_loss_with_huber_delta_is_huber_of_the_targets(model_dir, tokenizer, make_args):
+    """`huber_delta` reaches the loss: at step 0 the residual is -t, so the first loss is the mean Huber loss of the
+    targets (here well below ½·mean(t²): most targets lie beyond the threshold)."""
+    tau, delta = 0.35, 0.5
+    args = make_args(
+        per_device_train_batch_size=len(ROWS["prompt"]), max_steps=1, beta=tau, logps_aggregation="sum",
+        partition_estimator="monte_carlo", reward_normalization="none", huber_delta=delta,
+    )  # fmt: skip
+    from trl_rpo import RPOTrainer
+
+    trainer = RPOTrainer(model_dir, args=args, train_dataset=Dataset.from_dict(ROWS))
+    trainer.train()
+
+    reference = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    rows = zip(ROWS["prompt"], ROWS["completion"], strict=True)
+    ref_logps = [_sequence_logps(reference, tokenizer, prompt, completion)[0] for prompt, completion in rows]
+    targets = _naive_targets(ROWS, ref_logps, tau=tau, estimator="monte_carlo", normalization="none")
+    huber = [0.5 * t * t if abs(t) <= delta else delta * (abs(t) - delta / 2) for t in targets]
+    first = trainer.state.log_history[0]
+    assert first["loss"] == pytest.approx(sum(huber) / len(huber), rel=1e-5)
+    assert first["loss"] < 0.5 * 0.5 * sum(t * t for t in targets) / len(targets)
+
+
 @pytest.mark.parametrize("level_weight", [1.0, 0.1])
 def test_training_converges_to_the_softmax_over_completions(model_dir, tokenizer, make_args, level_weight):
     """Empirical partition + summed log-probs: the optimum is π(y_i|x) = softmax_j(ℓ_ref,j + r_j/τ)_i, with the plain

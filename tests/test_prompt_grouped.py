@@ -120,6 +120,12 @@ def test_level_options_refused_with_a_message():
         RPOConfig("out", partition_estimator="monte_carlo", partition_temperature=0.0)
     with pytest.raises(ValueError, match="train_sampling_strategy"):
         RPOConfig("out", train_sampling_strategy="group_by_prompts")
+    for bad in (0.0, -1.0, float("inf"), True):
+        with pytest.raises(ValueError, match="huber_delta"):
+            RPOConfig("out", huber_delta=bad)
+    with pytest.raises(ValueError, match="Use one"):
+        RPOConfig("out", huber_delta=1.0, level_weight=0.5, train_sampling_strategy="group_by_prompt")
+    assert RPOConfig("out", huber_delta=2).huber_delta == 2
 
 
 def test_level_options_from_the_command_line():

@@ -217,8 +217,8 @@ def _dtype_name(dtype) -> str:
 _RESULT_OPTIONS = (
     "beta", "learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "optim", "max_steps",
     "num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps", "seed", "max_length",
-    "logps_aggregation", "partition_temperature", "value_shrinkage", "level_weight", "sparse_prompt_strategy",
-    "reward_normalization", "bf16", "fp16", "model_init_kwargs",
+    "logps_aggregation", "partition_temperature", "value_shrinkage", "level_weight", "huber_delta",
+    "sparse_prompt_strategy", "reward_normalization", "bf16", "fp16", "model_init_kwargs",
 )  # fmt: skip
 
 

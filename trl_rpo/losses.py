@@ -411,8 +411,14 @@ def rpo_loss(
     group_ids: Tensor | None = None,
     *,
     level_weight: float = 1.0,
+    huber_delta: float | None = None,
 ) -> RPOLossOutput:
     r"""Per-example ``0.5 * ((p - l) - t) ** 2`` in the dtype of ``policy_logps``; only ``p`` gets a gradient.
+
+    With ``huber_delta`` ``d`` (``level_weight`` 1 only), the square becomes Huber's loss of the residual
+    ``delta = (p - l) - t``: ``0.5 * delta ** 2`` when ``|delta| <= d``, else ``d * (|delta| - d / 2)``. Same minimum,
+    same gradient near it; the gradient is ``delta`` clipped to ``[-d, d]``, so a row whose target is out of reach
+    pulls no harder than ``d``.
 
     With ``level_weight`` ``lambda != 1`` (``group_ids`` then required), each row's residual ``delta_j`` is split
     around the mean ``dbar_x`` of its prompt's rows in this batch: the per-example loss is
@@ -432,12 +438,17 @@ def rpo_loss(
             f"{tuple(ref_logps.shape)} and {tuple(targets.shape)}."
         )
     level_weight = _check_level_weight(level_weight, group_ids, targets)
+    huber_delta = _check_huber_delta(huber_delta, level_weight)
     ref = ref_logps.detach().to(policy_logps)
     tgt = targets.detach().to(policy_logps)
     log_ratios = policy_logps - ref
     dropped = torch.isnan(tgt)
     residuals = log_ratios - torch.where(dropped, log_ratios.detach(), tgt)
-    if level_weight == 1.0:
+    if huber_delta is not None:
+        per_row = torch.nn.functional.huber_loss(
+            residuals, torch.zeros_like(residuals), reduction="none", delta=huber_delta
+        )
+    elif level_weight == 1.0:
         per_row = 0.5 * residuals**2
     else:
         level = _group_mean(residuals, group_ids, dropped)
@@ -453,6 +464,17 @@ def _check_level_weight(level_weight: float, group_ids: Tensor | None, targets: 
     if weight != 1.0 and (group_ids is None or group_ids.shape != targets.shape):
         raise ValueError("level_weight != 1 needs group_ids: one prompt id per row, shaped like the targets.")
     return weight
+
+
+def _check_huber_delta(huber_delta: float | None, level_weight: float) -> float | None:
+    if huber_delta is None:
+        return None
+    delta = float(huber_delta)
+    if isinstance(huber_delta, bool) or not (math.isfinite(delta) and delta > 0):
+        raise ValueError(f"huber_delta must be a finite number > 0 (or None), got {huber_delta!r}.")
+    if level_weight != 1.0:
+        raise ValueError("huber_delta needs level_weight=1: the Huber loss of a split residual is not defined here.")
+    return delta
 
 
 def _group_mean(values: Tensor, group_ids: Tensor, dropped: Tensor) -> Tensor:

@@ -69,6 +69,11 @@ class RPOConfig(RewardedCompletionsConfig):
             prompt's mean). 1 is the plain loss; any λ > 0 keeps its minimum (δ = 0), λ < 1 lets the level of a
             prompt's log-ratios move less than their contrast. Needs `train_sampling_strategy="group_by_prompt"`
             and a batch size that is a multiple of the completions per prompt, so that batches hold whole prompts.
+        huber_delta (`float`, *optional*):
+            Replace the square of each row's residual δ by Huber's loss: ½δ² when |δ| ≤ huber_delta, else
+            huber_delta·(|δ| − huber_delta/2). Same minimum (δ = 0); the gradient is δ clipped to ±huber_delta, so rows
+            whose targets are out of reach (tens of nats at a small τ) pull no harder than the others. `None` (the
+            default) keeps the square. Needs `level_weight=1`.
 
         > Parameters that control the reward (shared with [`DROConfig`])
 
@@ -174,6 +179,13 @@ class RPOConfig(RewardedCompletionsConfig):
             "the plain loss. Other values need train_sampling_strategy='group_by_prompt'."
         },
     )
+    huber_delta: float | None = field(
+        default=None,
+        metadata={
+            "help": "Huber threshold on each row's residual (nats): its gradient is clipped to ±huber_delta. None: "
+            "the squared residual. Needs level_weight=1."
+        },
+    )
     loss_type: Literal["rpo"] = field(
         default="rpo", metadata={"help": "Only 'rpo'; kept so that KTO configuration files parse."}
     )
@@ -197,6 +209,15 @@ class RPOConfig(RewardedCompletionsConfig):
         finite = isinstance(weight, int | float) and not isinstance(weight, bool) and math.isfinite(weight)
         if not (finite and weight >= 0):
             raise ValueError(f"`level_weight` must be a finite number ≥ 0, got {weight!r}.")
+        delta = self.huber_delta
+        if delta is not None and (
+            isinstance(delta, bool) or not isinstance(delta, int | float) or not (math.isfinite(delta) and delta > 0)
+        ):
+            raise ValueError(f"`huber_delta` must be a finite number > 0 (or None), got {delta!r}.")
+        if delta is not None and weight != 1:
+            raise ValueError(
+                f"`huber_delta={delta}` applies to the whole residual; `level_weight={weight}` splits it. Use one."
+            )
         if weight != 1 and self.train_sampling_strategy != "group_by_prompt":
             raise ValueError(
                 f"`level_weight={weight}` weighs each prompt's mean residual within a batch, so a batch must hold "

@@ -228,9 +228,11 @@ class RPOTrainer(RewardedCompletionsTrainer):
             )
 
     def _loss_from_logps(self, batch, policy_logps: torch.Tensor, outputs) -> tuple[torch.Tensor, RowMetrics]:
-        """½·mean((log π_θ − ℓ_ref − t)²), the prompt mean residual weighted by `level_weight`: no reference forward,
-        the stored ℓ_ref and t are all RPO reads."""
+        """½·mean((log π_θ − ℓ_ref − t)²), the prompt mean residual weighted by `level_weight` (or Huber's loss of the
+        residual, `huber_delta`): no reference forward, the stored ℓ_ref and t are all RPO reads."""
+        args = self.args
         out = rpo_loss(
-            policy_logps, batch["ref_logps"], batch["target"], batch["group_key"], level_weight=self.args.level_weight
-        )
+            policy_logps, batch["ref_logps"], batch["target"], batch["group_key"],
+            level_weight=args.level_weight, huber_delta=args.huber_delta,
+        )  # fmt: skip
         return out.losses.mean(), RowMetrics(batch["target"], batch["value"], out.log_ratios, out.residuals)
