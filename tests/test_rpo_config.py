@@ -112,3 +112,11 @@ def test_each_typed_choice_is_validated(tmp_path, config, name):
 
     with pytest.raises(ValueError, match=f"`{name}` must be one of"):
         getattr(trl_rpo, config)(str(tmp_path), bf16=False, **{name: "kto"})
+
+
+def test_use_cpu_under_deepspeed_is_refused(monkeypatch):
+    """transformers would build the model inside `zero.Init` while accelerate, told to use the CPU, never prepared
+    DeepSpeed: the first forward failed on an empty weight. One error names the fix instead."""
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # what `accelerate launch` with a DeepSpeed config sets
+    with pytest.raises(ValueError, match="set `use_cpu` to false"):
+        RPOConfig("out", use_cpu=True)

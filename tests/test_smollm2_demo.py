@@ -149,3 +149,19 @@ def test_generate_then_train_end_to_end(model_dir, tmp_path):
         assert all(0.0 <= value <= 1.0 for value in saved[phase].values())
     assert math.isfinite(saved["train"]["final_loss"])
     assert saved["train"]["final_loss"] >= 0.0
+
+
+def test_iterate_demo_asks_for_answers_that_finish():
+    """`make demo-iterate` puts the short-answer system prompt before every shipped question (train and held-out),
+    keeps each question's answer, and lets answers run to 96 new tokens; `--system ''` drops the system prompt."""
+    iterate = load_script("iterate")
+    assert iterate.parse_args([]).max_new_tokens == 96
+    for name in ("train.jsonl", "eval.jsonl"):
+        rows = read_jsonl(DEMO_DIR / "data" / name)
+        questions = {json.dumps(row["prompt"]): row["answer"] for row in rows}
+        prompts = iterate.prompts_of(DEMO_DIR / "data" / name, None)
+        assert len(prompts) == len(questions)  # one row per distinct question, none lost
+        for prompt, answer in zip(prompts["prompt"], prompts["answer"], strict=True):
+            assert prompt[0] == {"role": "system", "content": iterate.SYSTEM}
+            assert questions[json.dumps(prompt[1:])] == answer
+        assert iterate.prompts_of(DEMO_DIR / "data" / name, None, "")["prompt"][0][0]["role"] == "user"

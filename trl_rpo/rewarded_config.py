@@ -114,6 +114,14 @@ class RewardedCompletionsConfig(KTOConfig):
         if self.bf16 is None and not self.fp16:
             # TRL defaults bf16 to True and then fails on CPU; fall back to fp32 where bf16 is not available.
             self.bf16 = self.use_cpu or is_torch_bf16_gpu_available() or is_torch_xla_available()
+        if self.use_cpu and _deepspeed(self):
+            # transformers then builds the model inside DeepSpeed's `zero.Init` while accelerate, told to use the
+            # CPU, never prepares DeepSpeed: the first forward met an empty weight ("'weight' must be 2-D").
+            raise ValueError(
+                "`use_cpu=True` cannot run under DeepSpeed (an accelerate DeepSpeed config or `deepspeed`): set "
+                "`use_cpu` to false; on a machine without an accelerator, DeepSpeed runs on the CPU with "
+                "DS_ACCELERATOR=cpu."
+            )
         if self.ddp_backend is None and _deepspeed_without_accelerator(self):
             # accelerate leaves the backend unset on a CPU-only machine, so it counts one process while DeepSpeed
             # counts all of them and rejects the batch size; gloo is the CPU backend both agree on.
@@ -191,6 +199,9 @@ class RewardedCompletionsConfig(KTOConfig):
         }
 
 
+def _deepspeed(args: KTOConfig) -> bool:
+    return args.deepspeed is not None or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+
+
 def _deepspeed_without_accelerator(args: KTOConfig) -> bool:
-    deepspeed = args.deepspeed is not None or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
-    return deepspeed and not torch.accelerator.is_available()
+    return _deepspeed(args) and not torch.accelerator.is_available()
