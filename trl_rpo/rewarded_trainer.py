@@ -506,7 +506,7 @@ def _release_from_deepspeed(*models: torch.nn.Module | None) -> None:
     """Drop DeepSpeed's module-level holds on the models it prepared, which would keep them, and the process group
     their ZeRO-3 parameters hold, alive until interpreter shutdown: the forward-module stack (`FWD_MODULE_STACK`,
     whose root entry is never popped) and the parameter coordinator's release plan (an `lru_cache` on a method,
-    keyed by coordinator and submodule). tests/test_cli.py fails loudly when either moves."""
+    keyed by coordinator and submodule). tests/test_distributed.py fails when either moves (the model outlives end)."""
     from deepspeed.runtime.zero import parameter_offload
     from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
 
