@@ -76,7 +76,7 @@ def test_two_processes_ddp_match_one_process(model_dir, single, tmp_path):
     assert records[0]["losses"][0] == pytest.approx(single["losses"][0], rel=1e-5)
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "final")
     assert all(torch.isfinite(p).all() for p in model.parameters())
-    # `RPOTrainer.end` let the model go with the trainer (torch's DDP keeps its own hold on the group, out of reach)
+    # nothing outside the trainer holds the model once it is gone (torch's DDP keeps its own hold on the group)
     assert all(not r["alive_after_end"]["model"] for r in records)
 
 

@@ -484,8 +484,7 @@ class RewardedCompletionsTrainer(ReferencePassMixin, KTOTrainer):
         """
         accelerator = self.accelerator
         accelerator.wait_for_everyone()
-        ddp = self.model_wrapped if isinstance(self.model_wrapped, DistributedDataParallel) else None
-        ddp = weakref.ref(ddp) if ddp is not None else None
+        ddp = weakref.ref(self.model_wrapped) if isinstance(self.model_wrapped, DistributedDataParallel) else None
         accelerator.free_memory()  # the accelerator's own references (and its DeepSpeed engine's hooks)
         self.model_wrapped = self.model
         self.deepspeed = self._precompute_engine = None
