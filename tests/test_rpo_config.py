@@ -83,10 +83,21 @@ def test_min_completions_must_be_positive(tmp_path):
         RPOConfig(str(tmp_path), min_completions_per_prompt=0)
 
 
-def test_choices_are_typed_and_match_the_losses_module():
-    """Editors and `--help` read the choices from `Literal` types; they are the values `trl_rpo.losses` accepts, and
-    the only ones each config validates against (one source of truth)."""
+def test_choices_are_typed_once_in_the_losses_module():
+    """Editors and `--help` read the choices from `Literal` types: each option's type is the alias `trl_rpo.losses`
+    defines and its functions take (one source of truth), and each config validates against those values."""
+    import typing
+
     from trl_rpo import DROConfig, losses
+
+    hints = typing.get_type_hints(RPOConfig)
+    for option, alias in [
+        ("partition_estimator", losses.Estimator), ("sparse_prompt_strategy", losses.SparsePromptStrategy),
+        ("value_shrinkage", losses.ValueShrinkage), ("logps_aggregation", losses.LogpsAggregation),
+        ("reward_normalization", losses.RewardNormalization),
+    ]:  # fmt: skip
+        assert hints[option] is alias, option
+    assert typing.get_type_hints(losses.rpo_targets)["estimator"] is losses.Estimator
 
     shared = {"logps_aggregation": losses.LOGPS_AGGREGATIONS, "reward_normalization": losses.REWARD_NORMALIZATIONS}
     assert RPOConfig.literal_choices() == shared | {

@@ -51,6 +51,9 @@ def test_init_still_routes_through_our_hooks():
     assert "self._precompute_model_hash = hash_module(self.ref_model or self.model)" in source
     assert "self._precompute_engine = None" in source
     assert "add_fused_lm_head(" in source
+    # image rows: KTOTrainer skips `_prepare_dataset` for them; RPOTrainer makes this attribute a constant False
+    assert "self._is_vision_dataset = " in source
+    assert "if not self._is_vision_dataset:" in source
 
 
 def test_compute_ref_log_probs_returns_summed_logps():

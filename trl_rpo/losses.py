@@ -48,17 +48,23 @@ segment logsumexp, so ``exp(l)`` is never formed and extreme log-probs / rewards
 """
 
 import math
-from typing import NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 import torch
 from torch import Tensor
 
 
-ESTIMATORS = ("empirical", "monte_carlo", "none")
-VALUE_SHRINKAGES = ("none", "empirical_bayes")
-REWARD_NORMALIZATIONS = ("global", "none", "per_prompt")
-SPARSE_PROMPT_STRATEGIES = ("global_baseline", "drop", "error")
-LOGPS_AGGREGATIONS = ("mean", "sum")
+# The choices, typed once: the configs' options use these aliases, and the checks read their values.
+Estimator = Literal["empirical", "monte_carlo", "none"]
+ValueShrinkage = Literal["none", "empirical_bayes"]
+RewardNormalization = Literal["global", "none", "per_prompt"]
+SparsePromptStrategy = Literal["global_baseline", "drop", "error"]
+LogpsAggregation = Literal["mean", "sum"]
+ESTIMATORS = get_args(Estimator)
+VALUE_SHRINKAGES = get_args(ValueShrinkage)
+REWARD_NORMALIZATIONS = get_args(RewardNormalization)
+SPARSE_PROMPT_STRATEGIES = get_args(SparsePromptStrategy)
+LOGPS_AGGREGATIONS = get_args(LogpsAggregation)
 
 # A std this small relative to the mean is rounding noise of a constant column, not signal.
 _CONSTANT_RTOL = 1e-12
@@ -134,7 +140,7 @@ def normalize_rewards(
     rewards: Tensor,
     group_ids: Tensor | None = None,
     *,
-    mode: str = "global",
+    mode: RewardNormalization = "global",
     stats: RewardStats | None = None,
 ) -> tuple[Tensor, RewardStats]:
     r"""Normalise rewards (float64 out) and return the statistics used.
@@ -285,12 +291,12 @@ def rpo_targets(
     completion_ids: Tensor | None = None,
     *,
     beta: float = 5.0,
-    estimator: str = "empirical",
+    estimator: Estimator = "empirical",
     min_completions_per_prompt: int = 2,
-    sparse_prompt_strategy: str = "global_baseline",
+    sparse_prompt_strategy: SparsePromptStrategy = "global_baseline",
     global_value: float | None = None,
     partition_temperature: float | None = None,
-    value_shrinkage: str = "none",
+    value_shrinkage: ValueShrinkage = "none",
     credibility_k: float | None = None,
 ) -> RPOTargets:
     r"""Per-row RPO regression targets ``t_j = (r_j - V(x)) / tau`` (float64, no gradient).

@@ -3,7 +3,7 @@ like the policy), one no-grad pass over a split shared out across ranks, the on-
 `ref_model` go.
 
 [`ReferencePassMixin`] is mixed into the trainers of `trl_rpo` (over `KTOTrainer`); it reads the trainer's
-`accelerator`, `model`, `ref_model`, `args`, `data_collator`, `_completion_logps` and
+`accelerator`, `model`, `ref_model`, `args`, `data_collator`, `layout`, `_completion_logps` and
 `_model_input_lengths`.
 """
 
@@ -24,7 +24,7 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
 from . import reference_cache
-from .data import DataCollatorForRewardedCompletions, token_ids_digest
+from .data import DataCollatorForRewardedCompletions, column_digest, token_ids_digest
 from .modeling import trainable_bnb_layout
 
 
@@ -121,6 +121,8 @@ class ReferencePassMixin:
             encoder_decoder=self.is_encoder_decoder,
             pad_token_id=getattr(self.data_collator, "pad_token_id", None),
             tokens=token_ids_digest(dataset),
+            # Image rows: what the reference also reads. The group key digests each row's images (and prompt).
+            **({"images": column_digest(dataset, "group_key")} if "images" in self.layout.row_columns else {}),
         )
         key = [key]
         broadcast_object_list(key, from_process=0)
@@ -136,7 +138,9 @@ class ReferencePassMixin:
         per_rank = -(-num_rows // world)
         start, stop = min(rank * per_rank, num_rows), min((rank + 1) * per_rank, num_rows)
         order = self._scoring_order(dataset, start, stop)  # shard positions, in the order they are scored
-        rows = dataset.select_columns(["prompt_ids", "completion_ids"]).select(order + start).with_format("arrow")
+        columns = dataset.select_columns(["prompt_ids", "completion_ids", *self.layout.row_columns])
+        columns = columns if self.layout.row_columns else columns.with_format("arrow")  # images: decoded rows
+        rows = columns.select(order + start)
         # Filled in place: a small tensor kept per batch would pin the heap between the batches' large freed blocks.
         local = torch.zeros(per_rank, 2, dtype=torch.float64)  # (summed log-probs, tokens); zeros past a short shard
         log = self.target_pass_log.setdefault(name, {"cache": "off", "rows_scored_here": 0})
@@ -145,7 +149,7 @@ class ReferencePassMixin:
                 range(0, per_rank, batch_size), desc=f"Computing reference log-probs for the {name} dataset"
             ):
                 last = min(first + batch_size, stop - start)
-                table = rows[first:last] if last > first else _first_row(dataset)  # an idle rank joins the collectives
+                table = rows[first:last] if last > first else columns[:1]  # an idle rank joins the collectives
                 sum_logps, num_tokens, _, _ = self._completion_logps(model, self._collate_reference_batch(table))
                 scored = torch.from_numpy(order[first:last]) if last > first else torch.zeros(0, dtype=torch.int64)
                 local[scored, 0] = sum_logps[: len(scored)].detach().double().cpu()
@@ -160,15 +164,17 @@ class ReferencePassMixin:
         the order changes nothing else; the longest batch comes first, so an out-of-memory error comes at once). A
         padding-free batch has no padding to save, and on attention that is quadratic in the packed length (sdpa on
         CPU) grouping the long rows would cost more: it keeps the shard's order."""
-        if getattr(self.data_collator, "padding_free", False) or stop <= start:
+        if not self.layout.sorts_reference_rows_by_length or stop <= start:
             return np.arange(stop - start)
         lengths = self._model_input_lengths(dataset.select(range(start, stop)))
         return np.argsort(-lengths, kind="stable")
 
-    def _collate_reference_batch(self, table: pa.Table) -> dict[str, torch.Tensor]:
+    def _collate_reference_batch(self, table: pa.Table | dict[str, list]) -> dict[str, torch.Tensor]:
         collator = self.data_collator
         if type(collator) is DataCollatorForRewardedCompletions:
             batch = collator.collate_arrow(table.column("prompt_ids"), table.column("completion_ids"))
+        elif isinstance(table, dict):  # decoded columns (images)
+            batch = collator([dict(zip(table, row, strict=True)) for row in zip(*table.values(), strict=True)])
         else:  # a custom collator gets the rows as the training loader gives them
             batch = collator(table.to_pylist())
         return {key: value.to(self.accelerator.device) for key, value in batch.items()}
@@ -205,10 +211,6 @@ class ReferencePassMixin:
                 yield
             finally:
                 model.train(was_training)
-
-
-def _first_row(dataset: Dataset) -> pa.Table:
-    return dataset.select_columns(["prompt_ids", "completion_ids"]).with_format("arrow")[:1]
 
 
 def _cache_dir(dataset: Dataset) -> str:

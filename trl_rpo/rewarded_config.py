@@ -15,6 +15,7 @@ from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_availab
 from trl import KTOConfig
 
 from .data.formats import REWARD_TRANSFORMS
+from .losses import LogpsAggregation, RewardNormalization
 
 
 SAMPLING_STRATEGIES = ("random", "sequential", "group_by_length", "group_by_prompt")
@@ -38,14 +39,14 @@ class RewardedCompletionsConfig(KTOConfig):
     defaults to `False` instead of raising; under DeepSpeed without an accelerator, `ddp_backend` defaults to `"gloo"`.
     """
 
-    logps_aggregation: Literal["mean", "sum"] = field(
+    logps_aggregation: LogpsAggregation = field(
         default="mean",
         metadata={
             "help": "Aggregation of token log-probs into log π(y|x), used for the policy, the reference and the "
             "partition: 'mean' (the authors' code) or 'sum' (sequence log-prob, the paper's derivation).",
         },
     )
-    reward_normalization: Literal["global", "none", "per_prompt"] = field(
+    reward_normalization: RewardNormalization = field(
         default="global",
         metadata={
             "help": "'global': z-score with the train split's mean and population std (the authors'); 'none'; "

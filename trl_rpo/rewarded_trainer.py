@@ -28,11 +28,11 @@ from transformers import (
 )
 from transformers.trainer_utils import EvalPrediction
 from trl import KTOTrainer
-from trl.trainer.utils import get_config_model_id, global_then_local_main_first, selective_log_softmax_and_entropy
+from trl.trainer.utils import get_config_model_id, global_then_local_main_first
 
 from .data import (
+    IMAGE_COLUMNS,
     SHARED_ROW_COLUMNS,
-    DataCollatorForRewardedCompletions,
     LengthGroupedSampler,
     PromptGroupedSampler,
     RewardSpec,
@@ -42,7 +42,7 @@ from .data import (
     list_lengths,
     prepare_rows_batch,
 )
-from .lm_head import completion_only_lm_head
+from .layouts import choose_layout
 from .losses import normalize_rewards, pairwise_ranking_counts
 from .modeling import disable_dropout, trainable_bnb_layout
 from .reference_pass import ReferencePassMixin
@@ -109,17 +109,21 @@ class RewardedCompletionsTrainer(ReferencePassMixin, KTOTrainer):
         if processing_class is None:
             processing_class = _load_processing_class(model, args)
         self.is_encoder_decoder = _is_encoder_decoder(model, args)
-        if args.padding_free and data_collator is not None:  # the trainer's collator refuses encoder-decoders
+        self.layout = choose_layout(
+            is_encoder_decoder=self.is_encoder_decoder,
+            padding_free=args.padding_free,
+            has_images=train_dataset is not None and bool(set(IMAGE_COLUMNS) & set(train_dataset.column_names)),
+            processing_class=processing_class,
+            max_length=args.max_length,
+        )
+        if args.padding_free and data_collator is not None:
             _refuse_custom_collator_with_padding_free()
         if data_collator is None:
             tokenizer = getattr(processing_class, "tokenizer", processing_class)
-            data_collator = DataCollatorForRewardedCompletions(
+            data_collator = self.layout.collator(
                 pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token is not None else tokenizer.eos_token_id,
-                max_length=args.max_length,
                 pad_to_multiple_of=None if args.pad_to_multiple_of == "auto" else args.pad_to_multiple_of,
-                is_encoder_decoder=self.is_encoder_decoder,
                 value_columns={**SHARED_ROW_COLUMNS, **dict.fromkeys(self._loss_columns, torch.float32)},
-                padding_free=args.padding_free,
             )
         self._reward_stats = None  # set by the training split's target pass, reused by evaluation splits
         self._data_stats: dict[str, float] = {}
@@ -152,8 +156,7 @@ class RewardedCompletionsTrainer(ReferencePassMixin, KTOTrainer):
             for module in (self.model, self.ref_model):
                 if module is not None:
                     disable_dropout(module)
-        if args.padding_free:
-            _refuse_padding_free_for(self.model)
+        self.layout.check_model(self.model)
         if self.is_fsdp_enabled and ref_model is None:
             # TRL loads a reference copy under FSDP for its own precompute; the target pass uses the prepared policy.
             self.ref_model = None
@@ -179,6 +182,16 @@ class RewardedCompletionsTrainer(ReferencePassMixin, KTOTrainer):
     def precompute_ref_logps(self, value: bool) -> None:
         pass
 
+    # KTOTrainer leaves image rows raw for its on-the-fly collator; here every split is tokenised once, with its
+    # images, by `_prepare_dataset`, and the layout (`VisionLanguageLayout`) builds their batches.
+    @property
+    def _is_vision_dataset(self) -> bool:
+        return False
+
+    @_is_vision_dataset.setter
+    def _is_vision_dataset(self, value: bool) -> None:
+        pass
+
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         """Validate, expand to `(prompt, completion, reward)` rows and tokenise a split; derived columns in the input
         are recomputed."""
@@ -196,6 +209,7 @@ class RewardedCompletionsTrainer(ReferencePassMixin, KTOTrainer):
                     "row_format": row_format,
                     "processing_class": processing_class,
                     "is_encoder_decoder": self.is_encoder_decoder,
+                    "with_images": "images" in self.layout.row_columns,
                 },
                 batched=True,
                 with_indices=True,
@@ -203,7 +217,7 @@ class RewardedCompletionsTrainer(ReferencePassMixin, KTOTrainer):
                 num_proc=args.dataset_num_proc,
                 desc=f"Tokenizing {dataset_name} dataset",
             )
-        if not self.is_encoder_decoder:
+        if self.layout.needs_prompt_token:
             self._refuse_empty_prompts(dataset, dataset_name)
         return dataset
 
@@ -220,15 +234,9 @@ class RewardedCompletionsTrainer(ReferencePassMixin, KTOTrainer):
             )
 
     def _fits_max_length(self, dataset: Dataset, name: str) -> np.ndarray:
-        """Rows that keep a completion token after truncation: a causal prompt must be shorter than `max_length`.
-
-        An encoder-decoder model truncates prompt and completion separately (the authors' `max_len` for both), so
-        no row loses its whole completion there."""
+        """Rows that keep a completion token after truncation (the layout's rule); the others are dropped, counted."""
         max_length = self.args.max_length
-        if max_length is None or self.is_encoder_decoder:
-            fits = np.ones(len(dataset), dtype=bool)
-        else:
-            fits = list_lengths(dataset, "prompt_ids") < max_length
+        fits = self.layout.fits(list_lengths(dataset, "prompt_ids"))
         dropped = int((~fits).sum())
         if dropped == len(fits):
             raise ValueError(
@@ -247,7 +255,8 @@ class RewardedCompletionsTrainer(ReferencePassMixin, KTOTrainer):
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
-            columns = ["prompt_ids", "completion_ids", *SHARED_ROW_COLUMNS, *self._loss_columns]
+            columns = ["prompt_ids", "completion_ids", *self.layout.row_columns, *SHARED_ROW_COLUMNS]
+            columns += self._loss_columns
             columns.append(self.args.length_column_name)
             self._signature_columns = columns
 
@@ -317,11 +326,7 @@ class RewardedCompletionsTrainer(ReferencePassMixin, KTOTrainer):
 
     def _model_input_lengths(self, dataset: Dataset) -> np.ndarray:
         """Tokens the model reads per row after truncation (what `train_sampling_strategy='group_by_length'` sorts)."""
-        prompt, completion = list_lengths(dataset, "prompt_ids"), list_lengths(dataset, "completion_ids")
-        max_length = self.args.max_length or np.iinfo(np.int64).max
-        if self.is_encoder_decoder:
-            return np.minimum(prompt, max_length) + np.minimum(completion, max_length)
-        return np.minimum(prompt + completion, max_length)
+        return self.layout.input_lengths(list_lengths(dataset, "prompt_ids"), list_lengths(dataset, "completion_ids"))
 
     def _get_train_sampler(self, train_dataset=None):
         """transformers' `group_by_length` grouping, read from the `length` column without Python work per row; or
@@ -337,28 +342,9 @@ class RewardedCompletionsTrainer(ReferencePassMixin, KTOTrainer):
 
     def _completion_logps(self, model, batch: dict[str, torch.Tensor], with_entropy: bool = False):
         """Per row: summed log-prob of the completion tokens, their count, summed token entropy, model outputs."""
-        if self.is_encoder_decoder:
-            mask = batch["completion_mask"]
-            labels = batch["completion_ids"].masked_fill(mask == 0, -100)  # the model shifts them into its decoder
-            outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels)
-            token_logps, entropy = selective_log_softmax_and_entropy(
-                outputs.logits, batch["completion_ids"], entropy_requires_grad=False, row_mask=mask
-            )
-            token_logps = token_logps * mask
-        else:
-            kwargs = {"input_ids": batch["input_ids"], "use_cache": False, **_attention_inputs(batch)}
-            if self.aux_loss_enabled and model is not self.ref_model:
-                kwargs["output_router_logits"] = True
-            labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
-            with completion_only_lm_head(with_entropy):
-                outputs = model(**kwargs, labels=labels, fused_lm_head=True)
-            # Position i predicts token i + 1; prompt-learning PEFT prepends virtual tokens, so keep the last ones.
-            mask = batch["completion_mask"][:, 1:]
-            token_logps, entropy = outputs.log_probs[:, -mask.size(1) :], outputs.entropy
-        entropy = entropy[:, -mask.size(1) :].detach() * mask if with_entropy else None
-        if "row_lengths" in batch:  # padding-free: one sequence holds every row; sum each row's segment
-            return *_per_row(batch["row_lengths"], token_logps * mask, mask, entropy), outputs
-        return token_logps.sum(-1), mask.sum(-1), None if entropy is None else entropy.sum(-1), outputs
+        router_logits = self.aux_loss_enabled and model is not self.ref_model and not self.is_encoder_decoder
+        forward_kwargs = {"output_router_logits": True} if router_logits else {}
+        return self.layout.completion_logps(model, batch, with_entropy, **forward_kwargs)
 
     def _aggregate(self, sum_logps: torch.Tensor, num_tokens: torch.Tensor) -> torch.Tensor:
         return sum_logps if self.args.logps_aggregation == "sum" else sum_logps / num_tokens.clamp(min=1)
@@ -376,7 +362,7 @@ class RewardedCompletionsTrainer(ReferencePassMixin, KTOTrainer):
         self._record_metrics(mode, batch, policy_logps.detach(), row, entropy, num_tokens)
         if return_outputs and not self.is_encoder_decoder:
             with torch.no_grad():  # `compute_metrics` wants logits, which the fused head never builds
-                outputs = model(input_ids=batch["input_ids"], **_attention_inputs(batch))
+                outputs = model(**self.layout.model_inputs(batch))
         if return_outputs:
             return loss, outputs
         return loss
@@ -388,8 +374,7 @@ class RewardedCompletionsTrainer(ReferencePassMixin, KTOTrainer):
 
     def _record_metrics(self, mode: str, batch, policy_logps, row: RowMetrics, entropy, completion_tokens) -> None:
         # One gather of a (rows, 10) table and one of the group keys: two syncs per step, whatever the metric count.
-        tokens = batch["row_lengths"] if "row_lengths" in batch else batch["attention_mask"].sum(-1)
-        tokens = tokens + (completion_tokens if self.is_encoder_decoder else 0)
+        tokens = self.layout.tokens_per_row(batch, completion_tokens)
         columns = [policy_logps, batch["ref_logps"], row.targets, row.values, row.log_ratios, row.residuals]
         columns += [batch["reward"], entropy, completion_tokens, tokens]
         table = self.accelerator.gather_for_metrics(torch.stack([c.float() for c in columns], dim=1)).cpu()
@@ -517,28 +502,7 @@ def _release_from_deepspeed(*models: torch.nn.Module | None) -> None:
             cell.cell_contents.cache_clear()
 
 
-def _attention_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A padded batch's attention mask, or a padding-free batch's position ids (from which transformers builds the
-    mask that keeps its rows apart)."""
-    return (
-        {"position_ids": batch["position_ids"]}
-        if "row_lengths" in batch
-        else {"attention_mask": batch["attention_mask"]}
-    )
-
-
-def _per_row(row_lengths: torch.Tensor, token_logps: torch.Tensor, mask: torch.Tensor, entropy: torch.Tensor | None):
-    """Per-row sums of a padding-free sequence's predicted-token values (position i predicts token i + 1, so a value
-    belongs to the row of the token it predicts): summed log-probs, completion token count, summed entropy."""
-    rows = torch.repeat_interleave(torch.arange(len(row_lengths), device=row_lengths.device), row_lengths)[1:]
-    per_row = lambda values: values.new_zeros(len(row_lengths)).index_add(0, rows, values[0])  # noqa: E731
-    return per_row(token_logps), per_row(mask), None if entropy is None else per_row(entropy)
-
-
-# Attention implementations that read per-row position ids of one packed sequence as separate sequences
-# (transformers' masking utilities for sdpa/eager/flex, `cu_seqlens` for flash-attention).
 _RECENT_STEPS = 10  # the training steps whose movement the end-of-training check reads
-_PACKING_ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
 
 
 def _refuse_custom_collator_with_padding_free() -> None:
@@ -546,24 +510,6 @@ def _refuse_custom_collator_with_padding_free() -> None:
         "`padding_free=True` sets up the trainer's own collator, but a `data_collator` was passed. Remove one of "
         "them (or pack in your collator: see `trl_rpo.data.pack_rows`)."
     )
-
-
-def _refuse_padding_free_for(model) -> None:
-    """Rows of a padding-free batch share one sequence: only attention that keeps them apart may read it."""
-    config = getattr(model, "config", None)
-    attention = getattr(config, "_attn_implementation", None)
-    if not (attention in _PACKING_ATTENTION or "flash" in str(attention)):
-        supported = ", ".join(_PACKING_ATTENTION)
-        raise ValueError(
-            f"`padding_free=True` needs an attention implementation that keeps packed rows apart ({supported} or a "
-            f"flash-attention kernel); this model uses {attention!r}. Load it with "
-            "`model_init_kwargs={'attn_implementation': 'sdpa'}` or remove `padding_free`."
-        )
-    if is_peft_model(model) and model.active_peft_config.is_prompt_learning:
-        raise ValueError(
-            "`padding_free=True` cannot be used with prompt-learning PEFT (prompt/prefix tuning): its virtual tokens "
-            "are added once per sequence, not once per row. Use LoRA, or remove `padding_free`."
-        )
 
 
 def _is_encoder_decoder(model, args: RewardedCompletionsConfig) -> bool:

@@ -2,6 +2,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+from .losses import Estimator, SparsePromptStrategy, ValueShrinkage
 from .rewarded_config import RewardedCompletionsConfig
 
 
@@ -137,7 +138,7 @@ class RPOConfig(RewardedCompletionsConfig):
             "reference. Named `beta` like TRL's KL coefficient. Default 5.0, the authors' value."
         },
     )
-    partition_estimator: Literal["empirical", "monte_carlo", "none"] = field(
+    partition_estimator: Estimator = field(
         default="empirical",
         metadata={
             "help": "Estimator of log Z(x): 'empirical' (the paper's, over the prompt's distinct completions) or "
@@ -152,7 +153,7 @@ class RPOConfig(RewardedCompletionsConfig):
             "V̂(x); smaller groups follow `sparse_prompt_strategy`."
         },
     )
-    sparse_prompt_strategy: Literal["global_baseline", "drop", "error"] = field(
+    sparse_prompt_strategy: SparsePromptStrategy = field(
         default="global_baseline",
         metadata={
             "help": "Prompts with too few completions: 'global_baseline' (V̂ over all training rows), 'drop' (rows "
@@ -166,7 +167,7 @@ class RPOConfig(RewardedCompletionsConfig):
             "(r − V̂)/τ. Default: τ (`beta`). 'inf' makes V̂(x) the prompt's mean reward. 'monte_carlo' only."
         },
     )
-    value_shrinkage: Literal["none", "empirical_bayes"] = field(
+    value_shrinkage: ValueShrinkage = field(
         default="none",
         metadata={
             "help": "'empirical_bayes': shrink each prompt's V̂(x) toward the pooled V̂_g with the credibility weight "

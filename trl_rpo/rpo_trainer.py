@@ -56,7 +56,8 @@ class RPOTrainer(RewardedCompletionsTrainer):
     Args:
         model (`str`, [`~transformers.PreTrainedModel`] or [`~peft.PeftModel`]):
             Model to train: a model id or local path (loaded with `args.model_init_kwargs`), a model, or a PEFT
-            model. Causal language models.
+            model: a causal LM, an encoder-decoder (Flan-T5) or a vision-language model (LLaVA-style; the rows
+            then carry `image`/`images`).
         ref_model ([`~transformers.PreTrainedModel`], *optional*):
             Frozen reference π_ref. If `None`: the base model with the adapter disabled under PEFT, else the initial
             policy (the targets are computed before the first update).
@@ -70,8 +71,9 @@ class RPOTrainer(RewardedCompletionsTrainer):
             every completion of a prompt before training.
         eval_dataset ([`~datasets.Dataset`] or `dict[str, Dataset]`, *optional*):
             Evaluation split(s), same formats. Their targets use the training split's reward statistics.
-        processing_class ([`~transformers.PreTrainedTokenizerBase`], *optional*):
-            Tokenizer. Loaded from the model's path if `None`; the EOS token pads when there is no pad token.
+        processing_class ([`~transformers.PreTrainedTokenizerBase`] or [`~transformers.ProcessorMixin`], *optional*):
+            Tokenizer, or the processor of a vision-language model. Loaded from the model's path if `None`; the EOS
+            token pads when there is no pad token.
         compute_metrics (`Callable[[EvalPrediction], dict]`, *optional*):
             As in [`~trl.KTOTrainer`] (logits recomputed with an extra forward).
         callbacks (list of [`~transformers.TrainerCallback`], *optional*):

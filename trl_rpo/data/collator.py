@@ -1,7 +1,7 @@
 """Batches of tokenised rows: right padding, truncation, and the per-row values the loss reads as tensors."""
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -118,6 +118,33 @@ class DataCollatorForRewardedCompletions(DataCollatorMixin):
             source[rows[inside], positions[inside]] = index
             offset += length
         return torch.from_numpy(ids), torch.from_numpy((source >= 0).astype(np.int64)), torch.from_numpy(source)
+
+
+@dataclass
+class DataCollatorForRewardedImageCompletions(DataCollatorForRewardedCompletions):
+    """
+    [`DataCollatorForRewardedCompletions`] for a vision-language model: each example also holds `images` (a list,
+    possibly empty), whose token ids its prompt already holds (the processor expanded them at tokenisation). The
+    batch gets the images of all its rows, in row order, through `image_processor` (the processor's own):
+    `pixel_values`, and `image_sizes` / `image_grid_thw` where the model wants them. Truncation, padding and value
+    columns are the causal collator's; rows are never packed.
+    """
+
+    image_processor: Any = None
+    # What an image processor returns for the model's forward (the keys a batch may carry besides the text's).
+    image_keys: ClassVar[tuple[str, ...]] = ("pixel_values", "image_sizes", "image_grid_thw", "pixel_attention_mask")
+
+    def __post_init__(self):
+        if self.image_processor is None or self.padding_free or self.is_encoder_decoder:
+            raise ValueError("Image rows need an `image_processor`, a causal model and no `padding_free`.")
+
+    def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        output = super().torch_call(examples)
+        images = [image for example in examples for image in example["images"] or []]
+        if images:  # image processors refuse an empty list: a text-only batch has no image inputs
+            processed = self.image_processor(images=images, return_tensors="pt")
+            output |= {key: processed[key] for key in self.image_keys if key in processed}
+        return output
 
 
 def pack_rows(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

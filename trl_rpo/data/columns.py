@@ -67,3 +67,8 @@ def token_ids_digest(dataset: Dataset, columns: tuple[str, ...] = ("prompt_ids",
             h.update(pc.list_value_length(values).to_numpy().astype(np.int64).tobytes())
             h.update(pc.list_flatten(values).to_numpy().astype(np.int64).tobytes())
     return h.hexdigest()
+
+
+def column_digest(dataset: Dataset, column: str) -> str:
+    """A digest of a numeric column of every row (e.g. the group keys, which digest each row's images)."""
+    return hashlib.blake2b(column_numpy(dataset, column).astype(np.int64).tobytes(), digest_size=16).hexdigest()

@@ -19,6 +19,8 @@ PAIRED_COLUMNS = ("chosen", "rejected")
 SCORE_COLUMNS = ("score_chosen", "score_rejected")
 # Per-row chat-template inputs that TRL's tokenisation understands; kept next to the RPO columns.
 PASSTHROUGH_COLUMNS = ("tools", "chat_template_kwargs")
+# A row's images (TRL's `image`: one, `images`: a list), for a vision-language model; kept next to the RPO columns.
+IMAGE_COLUMNS = ("image", "images")
 # Columns the data preparation and the target pass add (TRL's KTO ones included): recomputed, never read from the
 # input. Each trainer adds the columns of its own objective (`check_rows(..., trainer_columns=...)`).
 DERIVED_COLUMNS = (
@@ -357,7 +359,7 @@ def _reward_source(columns: set[str], spec: "RewardSpec | None", default: str, s
 
 
 def _passthrough(columns: set[str]) -> tuple[str, ...]:
-    return tuple(c for c in PASSTHROUGH_COLUMNS if c in columns)
+    return tuple(c for c in (*PASSTHROUGH_COLUMNS, *IMAGE_COLUMNS) if c in columns)
 
 
 def check_rows(
@@ -370,8 +372,11 @@ def check_rows(
     if len(dataset) == 0:
         raise ValueError(f"The {split} dataset is empty.")
     columns = set(dataset.column_names)
-    if "image" in columns or "images" in columns:
-        raise ValueError(f"The {split} dataset has image columns; RPOTrainer supports text datasets only for now.")
+    if set(IMAGE_COLUMNS) <= columns:
+        raise ValueError(
+            f"The {split} dataset has both 'image' and 'images' columns; a row's images must come from one. Put "
+            "each row's images in one list column: `images`."
+        )
     derived = sorted(columns & {*DERIVED_COLUMNS, *trainer_columns})
     if derived:
         logger.warning(

@@ -4,7 +4,7 @@ completion keys that tie the rows of a prompt together and spot duplicate comple
 import hashlib
 
 import numpy as np
-from trl.data_utils import _tokenize, common_prefix_length
+from trl.data_utils import _tokenize, common_prefix_length, prepare_multimodal_messages
 
 from .formats import RowFormat, reward_rows_batch
 
@@ -90,11 +90,84 @@ def tokenize_batch(rows: dict[str, list], processing_class, is_encoder_decoder: 
     return rows | _with_keys(prompt_ids, completion_ids, prompt_ids)
 
 
+def _row_images(rows: dict[str, list]) -> list[list]:
+    """Each row's images as a list (TRL's `image` column holds one, `images` a list; `None` is none)."""
+    if "images" in rows:
+        return [list(images or []) for images in rows["images"]]
+    return [[] if image is None else [image] for image in rows["image"]]
+
+
+def _image_digest(images: list) -> bytes:
+    """The pixels (and sizes) of a row's images: rows with one prompt text but other images are other prompts."""
+    h = hashlib.blake2b(digest_size=8)
+    for image in images:
+        pixels = np.asarray(image)
+        h.update(np.asarray(pixels.shape, dtype=np.int64).tobytes())
+        h.update(pixels.tobytes())
+    return h.digest()
+
+
+def tokenize_image_batch(rows: dict[str, list], processor) -> dict[str, list]:
+    """Tokenise a batch of RPO rows with images for a vision-language model, as [`tokenize_batch`] does for causal
+    models, through the model's `processor`: the prompt ids hold the image tokens the processor expands for the
+    row's images, and the completion starts where the tokenisations of the prompt and of prompt + completion
+    diverge. Conversational prompts get TRL's image placeholders (`prepare_multimodal_messages`, as KTOTrainer);
+    standard prompts carry the model's image token themselves. Adds `images` (a list per row) and the keys of
+    [`tokenize_batch`]; the group key digests the images too."""
+    rows = dict(rows)
+    images = _row_images(rows)
+    conversational = bool(rows["prompt"]) and isinstance(rows["prompt"][0], list)
+    if conversational:
+
+        def render(messages: list, i: int, **kwargs) -> str:
+            messages = prepare_multimodal_messages(messages, images[i])
+            return processor.apply_chat_template(messages, tokenize=False, **kwargs, **_template_kwargs(rows, i))
+
+        pairs = enumerate(zip(rows["prompt"], rows["completion"], strict=True))
+        texts = [(render(p, i, add_generation_prompt=True), render(p + c, i)) for i, (p, c) in pairs]
+        prompt_texts, full_texts = [t[0] for t in texts], [t[1] for t in texts]
+    else:
+        eos = processor.tokenizer.eos_token
+        prompt_texts = rows["prompt"]
+        full_texts = [
+            p + (c if c.endswith(eos) else c + eos) for p, c in zip(prompt_texts, rows["completion"], strict=True)
+        ]
+
+    def encode(text: str, row_images: list) -> list[int]:
+        # A rendered chat template already holds its special tokens (TRL's collator does the same).
+        encoded = processor(text=[text], images=row_images or None, add_special_tokens=not conversational)
+        return list(encoded["input_ids"][0])
+
+    prompt_ids = [encode(text, row_images) for text, row_images in zip(prompt_texts, images, strict=True)]
+    full_ids = [encode(text, row_images) for text, row_images in zip(full_texts, images, strict=True)]
+    cut = [common_prefix_length(p, f) for p, f in zip(prompt_ids, full_ids, strict=True)]
+    keys = [
+        ids_key(p, np.frombuffer(_image_digest(i), dtype=np.int64)) for p, i in zip(prompt_ids, images, strict=True)
+    ]
+    rows.pop("image", None)
+    return rows | {
+        "images": images,
+        "prompt_ids": [f[:k] for f, k in zip(full_ids, cut, strict=True)],
+        "completion_ids": [f[k:] for f, k in zip(full_ids, cut, strict=True)],
+        "group_key": keys,
+        "completion_key": [ids_key([g], f[k:]) for g, f, k in zip(keys, full_ids, cut, strict=True)],
+    }
+
+
 def prepare_rows_batch(
-    batch: dict[str, list], indices: list[int], row_format: RowFormat, processing_class, is_encoder_decoder: bool
+    batch: dict[str, list],
+    indices: list[int],
+    row_format: RowFormat,
+    processing_class,
+    is_encoder_decoder: bool,
+    with_images: bool = False,
 ) -> dict[str, list]:
-    """[`reward_rows_batch`] then [`tokenize_batch`]: user rows to tokenised RPO rows in one `Dataset.map`."""
-    return tokenize_batch(reward_rows_batch(batch, indices, row_format), processing_class, is_encoder_decoder)
+    """[`reward_rows_batch`] then [`tokenize_batch`] (or [`tokenize_image_batch`]): user rows to tokenised RPO rows
+    in one `Dataset.map`."""
+    rows = reward_rows_batch(batch, indices, row_format)
+    if with_images:
+        return tokenize_image_batch(rows, processing_class)
+    return tokenize_batch(rows, processing_class, is_encoder_decoder)
 
 
 def _with_keys(prompt_ids, completion_ids, group_ids) -> dict[str, list]:
