@@ -45,6 +45,8 @@ def rss(field: str = "VmRSS") -> int:
 
 
 PHASE = ["other"]  # the phase running now, set by the timers: the sampler books each peak to it
+TARGET_PASS = [None]  # the trainer's target pass, once built: its `phase` names the target pass's phases
+TARGET_PASS_PHASES = {"reference": "reference_pass", "maths": "partition_maths", "columns": "column_writing"}
 
 
 class PeakSampler:
@@ -60,7 +62,9 @@ class PeakSampler:
         while not self._stop.is_set():
             anon = rss("RssAnon")
             self.peak, self.peak_anon = max(self.peak, rss()), max(self.peak_anon, anon)
-            self.anon_by_phase[PHASE[0]] = max(self.anon_by_phase.get(PHASE[0], 0), anon)
+            inner = TARGET_PASS[0].phase if TARGET_PASS[0] is not None else None
+            phase = TARGET_PASS_PHASES[inner] if inner else PHASE[0]
+            self.anon_by_phase[phase] = max(self.anon_by_phase.get(phase, 0), anon)
             time.sleep(self.interval)
 
     def __enter__(self):
@@ -149,9 +153,8 @@ def worker(data_dir: str, batch_size: int, output: str, cache: bool = True) -> N
     from datasets import load_from_disk
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import trl_rpo.rewarded_trainer as base_module
-    import trl_rpo.rpo_trainer as rpo_module
     from trl_rpo import RPOConfig, RPOTrainer
+    from trl_rpo.target_pass import TargetPass
     from trl_rpo.testing import save_tiny_causal_lm
 
     torch.set_num_threads(1)
@@ -161,13 +164,17 @@ def worker(data_dir: str, batch_size: int, output: str, cache: bool = True) -> N
     dataset = load_from_disk(data_dir)
     baseline, baseline_anon = rss(), rss("RssAnon")
     phases: dict[str, float] = {}
+    # Tokenisation and the first step: KTOTrainer's dataset hook and Trainer's step. The target pass's phases: its
+    # own log (`target_pass.seconds`), and its `phase` for the memory sampler.
     wrap(RPOTrainer, "_prepare_dataset", phases, "tokenise")
-    wrap(RPOTrainer, "_reference_pass", phases, "reference_pass")
-    wrap(RPOTrainer, "_attach_columns", phases, "column_writing")
     wrap(RPOTrainer, "training_step", phases, "first_step")
-    for module, name in ((base_module, "normalize_rewards"), (rpo_module, "rpo_targets")):
-        real = getattr(module, name)
-        setattr(module, name, lambda *a, _real=real, **k: _timed_call(phases, "partition_maths", _real, a, k))
+    real_init = TargetPass.__init__
+
+    def watched_init(self, *a, **k):
+        real_init(self, *a, **k)
+        TARGET_PASS[0] = self
+
+    TargetPass.__init__ = watched_init
     args = RPOConfig(
         output_dir=tempfile.mkdtemp(), report_to="none", max_steps=1, per_device_train_batch_size=8,
         precompute_ref_batch_size=batch_size, save_strategy="no", bf16=False, disable_tqdm=True,
@@ -178,6 +185,9 @@ def worker(data_dir: str, batch_size: int, output: str, cache: bool = True) -> N
         trainer = RPOTrainer(model, args=args, train_dataset=dataset, processing_class=tokenizer)
         trainer.train()
     total = time.perf_counter() - start
+    seconds = trainer.target_pass.seconds["train"]
+    phases |= {"reference_pass": seconds["reference"], "partition_maths": seconds["maths"]}
+    phases["column_writing"] = seconds["columns"]
     rows, tokens = len(trainer.train_dataset), int(sum(trainer.train_dataset["length"]))
     phases["other"] = total - sum(phases.values())
     forward = bare_forward(trainer, trainer.train_dataset, batch_size)
@@ -199,11 +209,6 @@ def worker(data_dir: str, batch_size: int, output: str, cache: bool = True) -> N
     }
     with open(output, "w") as f:
         json.dump(result, f)
-
-
-def _timed_call(store, key, fn, args, kwargs):
-    with timed(store, key):
-        return fn(*args, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------- the driver

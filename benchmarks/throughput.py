@@ -491,7 +491,8 @@ def time_steps(args, tokenizer, rows, work_dir) -> dict:
 
 # --------------------------------------------------------------------------------- target pass, partition
 def time_target_pass(rpo, args) -> dict:
-    """RPO's `_reference_pass` over the training rows vs plain no-grad forwards over the same batches, interleaved."""
+    """RPO's reference pass (`trainer.target_pass.reference_logps`) over the training rows vs plain no-grad forwards
+    over the same batches, interleaved."""
     import torch
     from torch.utils.data import DataLoader
 
@@ -510,7 +511,7 @@ def time_target_pass(rpo, args) -> dict:
         model.train()
 
     candidates = {
-        "rpo_target_pass": lambda: rpo._reference_pass(rpo._reference_model(), dataset, "benchmark", args.batch),
+        "rpo_target_pass": lambda: rpo.target_pass.reference_logps(dataset, "benchmark", args.batch, rpo.model),
         "no_grad_forward_full_logits": lambda: plain(head=False),
         "no_grad_forward_completion_head": lambda: plain(head=True),
     }
@@ -600,7 +601,7 @@ def time_epochs(args, tokenizer, rows, work_dir):
 
 
 def time_target_passes(built, args) -> dict:
-    """RPO's `_reference_pass` over every row, interleaved: padded batches of rows in dataset order (how the pass ran
+    """RPO's reference pass over every row, interleaved: padded batches of rows in dataset order (how the pass ran
     before it sorted, and how KTOTrainer's precompute runs), padded batches longest first (the default now), and
     padding-free batches; and the tokens each computes."""
     import numpy as np
@@ -609,12 +610,13 @@ def time_target_passes(built, args) -> dict:
     in_order = lambda dataset, start, stop: np.arange(stop - start)  # noqa: E731
 
     def run(key, trainer):
+        target_pass = trainer.target_pass
         if key == "padded_in_order":
-            trainer._scoring_order = in_order  # this instance only, for this pass
+            target_pass._scoring_order = in_order  # this instance only, for this pass
         try:
-            trainer._reference_pass(trainer._reference_model(), trainer.train_dataset, "benchmark", args.batch)
+            target_pass.reference_logps(trainer.train_dataset, "benchmark", args.batch, trainer.model)
         finally:
-            trainer.__dict__.pop("_scoring_order", None)
+            target_pass.__dict__.pop("_scoring_order", None)
 
     times = {key: [] for key in trainers}
     for key, trainer in trainers.items():  # warm-up

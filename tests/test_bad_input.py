@@ -10,6 +10,7 @@ from datasets import Dataset, IterableDataset
 
 from trl_rpo import RPOConfig, RPOTrainer
 from trl_rpo.data import to_reward_rows
+from trl_rpo.target_pass import TargetPass
 
 
 def _rows(**overrides) -> Dataset:
@@ -133,14 +134,14 @@ def test_every_prompt_too_long_is_an_error(model_dir, make_args):
 
 
 def test_reference_with_minus_infinity_logps_is_an_error(model_dir, make_args, reward_dataset, monkeypatch):
-    real = RPOTrainer._reference_pass
+    real = TargetPass._reference_pass
 
     def broken(self, *args, **kwargs):
         sums, counts = real(self, *args, **kwargs)
         sums[4] = -math.inf  # as a reference that gives a completion token zero probability would
         return sums, counts
 
-    monkeypatch.setattr(RPOTrainer, "_reference_pass", broken)
+    monkeypatch.setattr(TargetPass, "_reference_pass", broken)
     with pytest.raises(ValueError, match=r"non-finite reference log-prob .* \(first rows: \[4\]\)"):
         RPOTrainer(model_dir, args=make_args(), train_dataset=reward_dataset)
 

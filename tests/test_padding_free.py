@@ -83,8 +83,8 @@ def test_padding_free_equals_padded(model_dir, make_args, attention, chat):
     assert max(lengths) == max_length  # some rows cut at max_length
     assert max(lengths) - min(lengths) >= 8  # and mixed lengths
     table = free.train_dataset.select_columns(["prompt_ids", "completion_ids"]).with_format("arrow")[:4]
-    assert "row_lengths" in free._collate_reference_batch(table)  # the target pass packs its batches too
-    assert "row_lengths" not in padded._collate_reference_batch(table)
+    assert "row_lengths" in free.target_pass._collate(table)  # the target pass packs its batches too
+    assert "row_lengths" not in padded.target_pass._collate(table)
     for column in ("ref_logps", "target"):
         torch.testing.assert_close(free.train_dataset[column], padded.train_dataset[column], rtol=1e-5, atol=1e-5)
     examples = [padded.train_dataset[i] for i in (0, 5, 9, 16, 17)]

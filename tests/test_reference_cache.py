@@ -11,6 +11,7 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM
 
 from trl_rpo import RPOTrainer, reference_cache
+from trl_rpo.target_pass import TargetPass
 from trl_rpo.testing import build_tokenizer
 
 
@@ -35,7 +36,7 @@ def test_hit_reuses_the_logps_and_recomputes_the_targets(model_dir, make_args, r
     def fail(*args, **kwargs):
         raise AssertionError("the reference pass ran again instead of reusing the cache")
 
-    monkeypatch.setattr(RPOTrainer, "_reference_pass", fail)
+    monkeypatch.setattr(TargetPass, "_reference_pass", fail)
     second = RPOTrainer(model_dir, args=_cached(make_args, beta=2.0), train_dataset=reward_dataset)
     assert second.target_pass_log["train"]["cache"] == "hit"
     assert _ref_logps(second) == _ref_logps(first)

@@ -11,9 +11,9 @@ from transformers import AutoConfig, AutoModel, TrainerCallback
 from trl.trainer.utils import get_config_model_id
 
 from .dro_config import DROConfig
-from .losses import dro_loss
 from .modeling import disable_dropout
-from .rewarded_trainer import RewardedCompletionsTrainer, RowMetrics
+from .objectives import DROObjective, RowValues
+from .rewarded_trainer import RewardedCompletionsTrainer
 
 
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -90,7 +90,7 @@ class DROTrainer(RewardedCompletionsTrainer):
             }"""),
     }
     _config_class = DROConfig
-    _loss_columns = ("ref_logps", "reward_z")  # the normalised reward: V_φ is learnt, nothing else is stored
+    _objective_class = DROObjective  # ℓ_ref and the normalised reward: V_φ is learnt, nothing else is stored
 
     def __init__(self, model, ref_model=None, args: DROConfig | None = None, *positional, **kwargs):
         self._hidden_states = None
@@ -152,19 +152,10 @@ class DROTrainer(RewardedCompletionsTrainer):
         last = (prompt_len - 1).clamp(min=0) + offset
         return self.value_model(features=states[torch.arange(states.size(0), device=states.device), last])
 
-    # -------------------------------------------------------------------------------------------- data
-    def _row_columns(self, dataset, name, ref_logps, rewards, group_ids, is_train):
-        # DRO needs no per-prompt estimate: the reference log-probs and the normalised rewards are all it stores.
-        return {"ref_logps": ref_logps, "reward_z": rewards}, torch.ones_like(rewards, dtype=torch.bool)
-
     # -------------------------------------------------------------------------------------------- loss
-    def _loss_from_logps(self, batch, policy_logps, outputs) -> tuple[torch.Tensor, RowMetrics]:
+    def _loss_from_logps(self, batch, policy_logps, outputs) -> tuple[torch.Tensor, RowValues]:
         self.value_model.train(self.model.training)
-        values = self._values(batch, outputs)
-        out = dro_loss(policy_logps, batch["ref_logps"], batch["reward_z"], values, beta=self.args.beta)
-        values = values.detach()
-        targets = (batch["reward_z"] - values) / self.args.beta
-        return out.losses.mean(), RowMetrics(targets, values, out.log_ratios, out.residuals)
+        return self.objective.loss(batch, policy_logps, self._values(batch, outputs))
 
     # ------------------------------------------------------------------------------- optimizer and grads
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:

@@ -44,8 +44,7 @@ from trl.data_utils import _tokenize, extract_prompt
 from trl.trainer.utils import pad
 
 from .data import DERIVED_COLUMNS, GROUPED_COLUMNS, PAIRED_COLUMNS, SCORE_COLUMNS, describe_rows
-from .dro_trainer import DROTrainer
-from .rpo_trainer import RPOTrainer
+from .objectives import DROObjective, RPOObjective
 
 
 logger = get_logger(__name__)
@@ -58,7 +57,7 @@ SHARDS_FOLDER = "shards"
 # prompts come from a dataset in one of the trainer's formats.
 COMPLETION_COLUMNS = frozenset(
     {"completion", "reward", "label", "prompt_index", "sample_index", "finished", *GROUPED_COLUMNS, *PAIRED_COLUMNS}
-    | {*SCORE_COLUMNS, *DERIVED_COLUMNS, *RPOTrainer._loss_columns, *DROTrainer._loss_columns}
+    | {*SCORE_COLUMNS, *DERIVED_COLUMNS, *RPOObjective.columns, *DROObjective.columns}
 )
 # What a resumed run must share with the run that wrote the output folder.
 RESUME_KEYS = (

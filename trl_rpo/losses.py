@@ -284,6 +284,12 @@ def _validate_inputs(ref_logps: Tensor, rewards: Tensor, group_ids: Tensor, comp
     _check_finite("reward", rewards, "rewards must be finite numbers.")
 
 
+def aggregate_logps(sum_logps: Tensor, num_tokens: Tensor, aggregation: LogpsAggregation = "sum") -> Tensor:
+    """A row's log-prob from its summed token log-probs and token count: the sum, or the mean per token."""
+    _check_choice("logps_aggregation", aggregation, LOGPS_AGGREGATIONS)
+    return sum_logps if aggregation == "sum" else sum_logps / num_tokens.clamp(min=1)
+
+
 def rpo_targets(
     ref_logps: Tensor,
     rewards: Tensor,

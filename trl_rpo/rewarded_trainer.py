@@ -1,6 +1,6 @@
-"""What RPOTrainer and DROTrainer share: the KTOTrainer constructor, data preparation, the target pass around the
-reference pass, the policy's completion log-probs, metrics, logging and evaluation. Each objective adds the per-row
-columns it stores (`_row_columns`) and its loss (`_loss_from_logps`)."""
+"""What RPOTrainer and DROTrainer share: the KTOTrainer constructor, data preparation, the policy's completion
+log-probs (through the layout), the loss step, metrics, logging and evaluation. Each trainer names its objective
+(`_objective_class`, from `objectives.py`); the target pass (`target_pass.py`) builds the objective's columns."""
 
 import collections
 import contextlib
@@ -8,7 +8,7 @@ import gc
 import logging
 import weakref
 from collections.abc import Callable
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -43,35 +43,28 @@ from .data import (
     prepare_rows_batch,
 )
 from .layouts import choose_layout
-from .losses import normalize_rewards, pairwise_ranking_counts
+from .losses import aggregate_logps, pairwise_ranking_counts
 from .modeling import disable_dropout, trainable_bnb_layout
-from .reference_pass import ReferencePassMixin
+from .objectives import RowValues
 from .rewarded_config import RewardedCompletionsConfig
+from .target_pass import TargetPass, shard_policy_for_fsdp
 
 
 logger = get_logger(__name__)
 
 
-class RowMetrics(NamedTuple):
-    """Per-row values of one batch that the trainer logs (`target`, `value`, `log_ratio`, `residual_rms`)."""
-
-    targets: torch.Tensor
-    values: torch.Tensor
-    log_ratios: torch.Tensor
-    residuals: torch.Tensor
-
-
-class RewardedCompletionsTrainer(ReferencePassMixin, KTOTrainer):
+class RewardedCompletionsTrainer(KTOTrainer):
     """
     Base of [`RPOTrainer`] and [`DROTrainer`], which document the constructor: KTOTrainer's, with a configuration of
-    class `_config_class`. Before training, every split is tokenised and gets one reference pass; the subclass turns
-    the reference log-probs and normalised rewards into the columns its loss reads (`_row_columns`, declared in
-    `_loss_columns`) and computes the loss from the policy's log-probs (`_loss_from_logps`).
+    class `_config_class` and an objective of class `_objective_class` (`trainer.objective`). Before training, every
+    split is tokenised (in the layout its model and rows need, `trainer.layout`) and goes through the target pass
+    (`trainer.target_pass`): reference log-probs, then the objective's columns. Training computes the policy's
+    log-probs and the objective's loss (`_loss_from_logps`).
     """
 
     _name: ClassVar[str]
     _config_class: ClassVar[type[RewardedCompletionsConfig]]
-    _loss_columns: ClassVar[tuple[str, ...]]  # per-row float columns `_row_columns` adds and the loss reads
+    _objective_class: ClassVar[type]  # from `objectives.py`: its `columns`, `row_columns` and `loss`
 
     def __init__(
         self,
@@ -108,6 +101,7 @@ class RewardedCompletionsTrainer(ReferencePassMixin, KTOTrainer):
             _refuse_iterable(split, name)
         if processing_class is None:
             processing_class = _load_processing_class(model, args)
+        self.objective = self._objective_class.from_config(args)
         self.is_encoder_decoder = _is_encoder_decoder(model, args)
         self.layout = choose_layout(
             is_encoder_decoder=self.is_encoder_decoder,
@@ -123,20 +117,15 @@ class RewardedCompletionsTrainer(ReferencePassMixin, KTOTrainer):
             data_collator = self.layout.collator(
                 pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token is not None else tokenizer.eos_token_id,
                 pad_to_multiple_of=None if args.pad_to_multiple_of == "auto" else args.pad_to_multiple_of,
-                value_columns={**SHARED_ROW_COLUMNS, **dict.fromkeys(self._loss_columns, torch.float32)},
+                value_columns={**SHARED_ROW_COLUMNS, **dict.fromkeys(self.objective.columns, torch.float32)},
             )
-        self._reward_stats = None  # set by the training split's target pass, reused by evaluation splits
-        self._data_stats: dict[str, float] = {}
+        self._data_stats: dict[str, float] = {}  # counts of the data and the target pass, logged once
         self._data_stats_logged = False
         self._eval_prefix = "eval"
         self._pair_counts = {"train": [0.0, 0.0], "eval": [0.0, 0.0]}
         # mean log-ratio² and target² of the last training steps: how far the policy moved, against how far it is asked
         self._recent_moves: collections.deque[tuple[float, float]] = collections.deque(maxlen=_RECENT_STEPS)
         self._eval_rows: list[torch.Tensor] = []  # (log-ratio, reward, group) of rows evaluated since the last log
-        self._ref_weights_digest: str | None = None
-        self._ref_model_released = False
-        # What each split's target pass did on this rank: cache "hit" / "miss" / "off", and the rows it scored.
-        self.target_pass_log: dict[str, dict[str, Any]] = {}
         logging.getLogger("trl_rpo").setLevel(args.get_process_log_level())
         super().__init__(
             model=model,
@@ -160,7 +149,22 @@ class RewardedCompletionsTrainer(ReferencePassMixin, KTOTrainer):
         if self.is_fsdp_enabled and ref_model is None:
             # TRL loads a reference copy under FSDP for its own precompute; the target pass uses the prepared policy.
             self.ref_model = None
+        self.target_pass = TargetPass(
+            accelerator=self.accelerator,
+            args=args,
+            layout=self.layout,
+            objective=self.objective,
+            collator=self.data_collator,
+            ref_model=self.ref_model,
+            completion_logps=self._completion_logps,
+            stats=self._data_stats,
+        )
         self._compute_targets_of_every_split()
+
+    @property
+    def target_pass_log(self) -> dict[str, dict[str, Any]]:
+        """What each split's target pass did on this rank: cache "hit" / "miss" / "off", and the rows it scored."""
+        return self.target_pass.log
 
     # Neither RPO nor DRO has a KL term: this switches off KTOTrainer's mismatched-completion machinery (KL columns,
     # the sequential-sampler and batch-size > 1 requirements, the extra forwards).
@@ -195,7 +199,7 @@ class RewardedCompletionsTrainer(ReferencePassMixin, KTOTrainer):
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         """Validate, expand to `(prompt, completion, reward)` rows and tokenise a split; derived columns in the input
         are recomputed."""
-        row_format = check_rows(dataset, dataset_name, self._loss_columns, RewardSpec.from_config(args))
+        row_format = check_rows(dataset, dataset_name, self.objective.columns, RewardSpec.from_config(args))
         if row_format.conversational and not getattr(self._tokenizer, "chat_template", None):
             raise ValueError(
                 f"The {dataset_name} dataset is conversational (message lists) but the tokenizer has no chat "
@@ -233,30 +237,10 @@ class RewardedCompletionsTrainer(ReferencePassMixin, KTOTrainer):
                 "tokenizer that adds a BOS token."
             )
 
-    def _fits_max_length(self, dataset: Dataset, name: str) -> np.ndarray:
-        """Rows that keep a completion token after truncation (the layout's rule); the others are dropped, counted."""
-        max_length = self.args.max_length
-        fits = self.layout.fits(list_lengths(dataset, "prompt_ids"))
-        dropped = int((~fits).sum())
-        if dropped == len(fits):
-            raise ValueError(
-                f"Every prompt of the {name} dataset fills `max_length={max_length}` tokens, so no completion token "
-                "is left. Increase `max_length` or shorten the prompts."
-            )
-        if dropped:
-            rows = np.unique(column_numpy(dataset, "source_row")[~fits])
-            logger.warning(
-                f"Dropped {dropped} of {len(fits)} rows of the {name} dataset whose prompt fills "
-                f"`max_length={max_length}` ({describe_rows(rows, len(rows))} of your dataset). Increase `max_length` "
-                "to keep them."
-            )
-        self._data_stats[f"data/{name}_rows_dropped_max_length"] = float(dropped)
-        return fits
-
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
             columns = ["prompt_ids", "completion_ids", *self.layout.row_columns, *SHARED_ROW_COLUMNS]
-            columns += self._loss_columns
+            columns += self.objective.columns
             columns.append(self.args.length_column_name)
             self._signature_columns = columns
 
@@ -274,59 +258,15 @@ class RewardedCompletionsTrainer(ReferencePassMixin, KTOTrainer):
             }
         elif self.eval_dataset is not None:
             self.eval_dataset = self._precompute_ref_logps(self.eval_dataset, "eval", eval_batch_size)
-        self._release_ref_model()
+        if self.target_pass.release_reference():
+            self.ref_model = None
 
     def _precompute_ref_logps(self, dataset: Dataset, name: str, batch_size: int, is_train: bool = False) -> Dataset:
-        """Attach the objective's columns (`_row_columns`) and `length` to every row: one no-grad reference pass (or
-        the cache), then the maths. The training split sets the reward statistics that the eval splits reuse."""
-        fits = self._fits_max_length(dataset, name)
-        scored = dataset if fits.all() else dataset.select(np.flatnonzero(fits))
-        sum_logps, num_tokens = self._reference_logps(scored, name, batch_size)
-        ref_logps = self._aggregate(sum_logps, num_tokens)
-        group_ids = torch.from_numpy(column_numpy(scored, "group_key"))
-        rewards, stats = normalize_rewards(
-            torch.from_numpy(column_numpy(scored, "reward")).to(torch.float64),
-            group_ids,
-            mode=self.args.reward_normalization,
-            stats=None if is_train else self._reward_stats,
-        )
-        if is_train:
-            self._reward_stats = stats
-            if stats.constant and self.args.reward_normalization == "global":
-                logger.warning("The training rewards are constant: they are centred but not scaled.")
-        columns, keep = self._row_columns(scored, name, ref_logps, rewards, group_ids, is_train)
-        return self._attach_columns(dataset, name, fits, columns, keep)
-
-    def _row_columns(
-        self,
-        dataset: Dataset,
-        name: str,
-        ref_logps: torch.Tensor,
-        rewards: torch.Tensor,
-        group_ids: torch.Tensor,
-        is_train: bool,
-    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """The objective's per-row columns (named in `_loss_columns`) and a mask of the rows to keep, from the
-        aggregated reference log-probs and the normalised rewards of `dataset`'s rows (those that fit `max_length`)."""
-        raise NotImplementedError
-
-    def _attach_columns(
-        self, dataset: Dataset, name: str, fits: np.ndarray, columns: dict[str, torch.Tensor], keep: torch.Tensor
-    ) -> Dataset:
-        """Add the columns (computed for the rows that fit) to the whole tokenised split, then keep the rows that fit
-        and that `keep` retains. Adding before selecting leaves the split's Arrow table as is: `add_column` on a
-        selection would first rewrite every column of the selected rows."""
-        for column, values in columns.items():
-            full = np.full(len(dataset), np.nan)
-            full[fits] = values.numpy()
-            dataset = dataset.add_column(column, full)
-        dataset = dataset.add_column(self.args.length_column_name, self._model_input_lengths(dataset))
-        kept = np.flatnonzero(fits)[keep.numpy()]
-        return dataset if len(kept) == len(dataset) else dataset.select(kept)
-
-    def _model_input_lengths(self, dataset: Dataset) -> np.ndarray:
-        """Tokens the model reads per row after truncation (what `train_sampling_strategy='group_by_length'` sorts)."""
-        return self.layout.input_lengths(list_lengths(dataset, "prompt_ids"), list_lengths(dataset, "completion_ids"))
+        """KTOTrainer's precompute hook, here the target pass of a split (see [`TargetPass.run`])."""
+        if self.is_fsdp_enabled and self.ref_model is None and len(self.accelerator._models) == 0:
+            # The policy is π_ref: shard it now, so the pass reads real weights and runs sharded like training.
+            self.model = self.model_wrapped = shard_policy_for_fsdp(self.accelerator, self.model)
+        return self.target_pass.run(dataset, name, batch_size, self.model, is_train)
 
     def _get_train_sampler(self, train_dataset=None):
         """transformers' `group_by_length` grouping, read from the `length` column without Python work per row; or
@@ -347,7 +287,7 @@ class RewardedCompletionsTrainer(ReferencePassMixin, KTOTrainer):
         return self.layout.completion_logps(model, batch, with_entropy, **forward_kwargs)
 
     def _aggregate(self, sum_logps: torch.Tensor, num_tokens: torch.Tensor) -> torch.Tensor:
-        return sum_logps if self.args.logps_aggregation == "sum" else sum_logps / num_tokens.clamp(min=1)
+        return aggregate_logps(sum_logps, num_tokens, self.args.logps_aggregation)
 
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
@@ -367,15 +307,15 @@ class RewardedCompletionsTrainer(ReferencePassMixin, KTOTrainer):
             return loss, outputs
         return loss
 
-    def _loss_from_logps(self, batch, policy_logps: torch.Tensor, outputs) -> tuple[torch.Tensor, RowMetrics]:
-        """The batch loss from the aggregated policy log-probs (and the policy's forward `outputs`), and the per-row
-        values that `_record_metrics` logs."""
-        raise NotImplementedError
+    def _loss_from_logps(self, batch, policy_logps: torch.Tensor, outputs) -> tuple[torch.Tensor, RowValues]:
+        """The batch loss from the aggregated policy log-probs (and the policy's forward `outputs`, which DRO's value
+        network reads), and the per-row values that `_record_metrics` logs."""
+        return self.objective.loss(batch, policy_logps)
 
-    def _record_metrics(self, mode: str, batch, policy_logps, row: RowMetrics, entropy, completion_tokens) -> None:
+    def _record_metrics(self, mode: str, batch, policy_logps, row: RowValues, entropy, completion_tokens) -> None:
         # One gather of a (rows, 10) table and one of the group keys: two syncs per step, whatever the metric count.
         tokens = self.layout.tokens_per_row(batch, completion_tokens)
-        columns = [policy_logps, batch["ref_logps"], row.targets, row.values, row.log_ratios, row.residuals]
+        columns = [policy_logps, batch["ref_logps"], row.aim, row.baseline, row.log_ratios, row.residuals]
         columns += [batch["reward"], entropy, completion_tokens, tokens]
         table = self.accelerator.gather_for_metrics(torch.stack([c.float() for c in columns], dim=1)).cpu()
         groups = self.accelerator.gather_for_metrics(batch["group_key"]).cpu()
@@ -473,6 +413,7 @@ class RewardedCompletionsTrainer(ReferencePassMixin, KTOTrainer):
         accelerator.free_memory()  # the accelerator's own references (and its DeepSpeed engine's hooks)
         self.model_wrapped = self.model
         self.deepspeed = self._precompute_engine = None
+        self.target_pass.release()
         self.optimizer = self.lr_scheduler = None
         if self.is_deepspeed_enabled:
             _release_from_deepspeed(self.model, self.ref_model)

@@ -1,23 +1,14 @@
-import math
 import textwrap
 
-import numpy as np
-import torch
 from accelerate.logging import get_logger
-from datasets import Dataset
 
-from .data import column_numpy, describe_rows
-from .losses import rpo_loss, rpo_targets, target_level_split
-from .rewarded_trainer import RewardedCompletionsTrainer, RowMetrics
+from .objectives import RPOObjective
+from .rewarded_trainer import RewardedCompletionsTrainer
 from .rpo_config import RPOConfig
 
 
 logger = get_logger(__name__)
 
-# Beyond this a target's square overflows float32 in the loss: training would produce inf.
-_MAX_TARGET = 1e18
-# Warn when the targets' per-prompt level (RMS) exceeds their within-prompt contrast by this factor.
-_LEVEL_WARNING = 1.0
 _MOVED_WARNING = 0.05  # log-ratio RMS below 5 % of the target RMS at the end of training: the policy did not move
 
 
@@ -89,9 +80,7 @@ class RPOTrainer(RewardedCompletionsTrainer):
     _tag_names = ["trl", "rpo", "trl-rpo"]
     _name = "RPO"
     _config_class = RPOConfig  # the configuration class `args` must be (and the default's)
-    _loss_columns = ("ref_logps", "target", "value")
-    _global_value = None  # V̂_g of the training split, set by its target pass and reused by evaluation splits
-    _credibility_k = None  # k of the shrinkage weights n/(n + k), likewise
+    _objective_class = RPOObjective  # its columns (ℓ_ref, t, V̂), their maths and the loss
     _paper = {
         "title": "Value-Free Policy Optimization via Reward Partitioning",
         "id": "2506.13702",
@@ -104,107 +93,6 @@ class RPOTrainer(RewardedCompletionsTrainer):
                 eprint       = {arXiv:2506.13702},
             }"""),
     }
-
-    def _row_columns(
-        self,
-        dataset: Dataset,
-        name: str,
-        ref_logps: torch.Tensor,
-        rewards: torch.Tensor,
-        group_ids: torch.Tensor,
-        is_train: bool,
-    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """`ref_logps`, and the target t = (r − V̂(x))/τ and value V̂(x) of every row, from the prompt's completions;
-        rows of sparse prompts are dropped if `sparse_prompt_strategy='drop'` asks."""
-        targets = rpo_targets(
-            ref_logps,
-            rewards,
-            group_ids,
-            torch.from_numpy(column_numpy(dataset, "completion_key")),
-            beta=self.args.beta,
-            estimator=self.args.partition_estimator,
-            min_completions_per_prompt=self.args.min_completions_per_prompt,
-            sparse_prompt_strategy=self.args.sparse_prompt_strategy,
-            global_value=None if is_train else self._global_value,
-            partition_temperature=self.args.partition_temperature,
-            value_shrinkage=self.args.value_shrinkage,
-            credibility_k=None if is_train else self._credibility_k,
-        )
-        if is_train:
-            self._global_value, self._credibility_k = targets.global_value, targets.credibility_k
-        self._record_sparse_counts(name, group_ids, targets)
-        if self.args.value_shrinkage != "none":
-            self._record_credibility(name, group_ids, targets.credibility_k)
-        if is_train:
-            self._record_target_level(group_ids, targets.targets)
-        self._refuse_extreme_targets(dataset, name, targets.targets, targets.keep)
-        if not targets.keep.any():
-            raise ValueError(
-                f"No row of the {name} dataset is left to train on: `sparse_prompt_strategy='drop'` dropped every "
-                f"prompt, each having fewer than {self.args.min_completions_per_prompt} distinct completions. Add "
-                "completions per prompt, lower `min_completions_per_prompt`, or use "
-                "`sparse_prompt_strategy='global_baseline'`."
-            )
-        return {"ref_logps": ref_logps, "target": targets.targets, "value": targets.values}, targets.keep
-
-    def _refuse_extreme_targets(self, dataset: Dataset, name: str, targets: torch.Tensor, keep: torch.Tensor) -> None:
-        bad = keep & ~(torch.isfinite(targets) & (targets.abs() <= _MAX_TARGET))
-        if bad.any():
-            rows = np.unique(column_numpy(dataset, "source_row")[bad.numpy()])
-            largest = targets[keep].abs().max().item()
-            raise ValueError(
-                f"The RPO targets of {describe_rows(rows, len(rows))} of the {name} dataset are not finite or too "
-                f"large for float32 training (largest |target| {largest:.3g}; targets are (r − V̂)/τ, in nats). "
-                "Normalise the rewards (`reward_normalization='global'`), rescale the 'reward' column, or raise "
-                "`beta`."
-            )
-
-    def _record_sparse_counts(self, name: str, group_ids: torch.Tensor, targets) -> None:
-        sparse_rows = int(targets.sparse.sum())
-        sparse_prompts = int(torch.unique(group_ids[targets.sparse]).numel())
-        dropped = int((~targets.keep).sum())
-        self._data_stats[f"data/{name}_sparse_prompts"] = float(sparse_prompts)
-        self._data_stats[f"data/{name}_sparse_rows"] = float(sparse_rows)
-        self._data_stats[f"data/{name}_rows_dropped_sparse"] = float(dropped)
-        if sparse_rows:
-            logger.warning(
-                f"{sparse_prompts} prompt(s) ({sparse_rows} rows) of the {name} dataset have fewer than "
-                f"{self.args.min_completions_per_prompt} completions; strategy '{self.args.sparse_prompt_strategy}'"
-                + (f" dropped {dropped} rows." if dropped else " gives them the global baseline V̂_g.")
-            )
-
-    def _record_credibility(self, name: str, group_ids: torch.Tensor, k: float) -> None:
-        """Log k and the mean credibility weight n_x/(n_x + k) over the split's prompts."""
-        _, counts = torch.unique(group_ids, return_counts=True)
-        weights = torch.ones(len(counts)) if k == 0 else counts / (counts + k)
-        mean_weight = float("nan") if math.isnan(k) else weights.mean().item()
-        self._data_stats[f"data/{name}_value_credibility"] = mean_weight
-        self._data_stats[f"data/{name}_value_credibility_k"] = k
-        logger.info(
-            f"Empirical-Bayes shrinkage of V̂(x) on the {name} dataset: k = {k:.4g}, mean credibility weight "
-            f"{mean_weight:.3f} (1: each prompt keeps its own V̂, 0: every prompt gets the pooled V̂_g)."
-        )
-
-    def _record_target_level(self, group_ids: torch.Tensor, targets: torch.Tensor) -> None:
-        """Log how much of the training targets moves prompts' completions apart (contrast) or together (level), and
-        warn when the level dominates: the model then spends its steps raising or lowering whole prompts."""
-        contrast, level = target_level_split(targets, group_ids)
-        self._data_stats["data/train_target_contrast"] = contrast
-        self._data_stats["data/train_target_level"] = level
-        if level > _LEVEL_WARNING * contrast:
-            units = "nats per token" if self.args.logps_aggregation == "mean" else "nats"
-            logger.warning(
-                f"The RPO targets of the train dataset mostly move each prompt's completions together (RMS level "
-                f"{level:.3g} against a contrast of {contrast:.3g} {units} between them): training would spend its "
-                "steps raising or lowering whole prompts rather than favouring their better completions, and the "
-                "reward may barely move. This comes from the partition estimate: the empirical one adds "
-                "−log Σ π_ref(y|x) to every row of completions sampled from a model, the Monte-Carlo one with few "
-                "samples per prompt and a small `beta` pushes every worse completion down by ≈ 1/beta. For "
-                "completions sampled from the model, set `partition_estimator='monte_carlo'` with "
-                "`partition_temperature=float('inf')` and `value_shrinkage='empirical_bayes'` (the contrast, and a "
-                "level shrunk towards the pooled value), `logps_aggregation='sum'` and a small `beta` (0.05 moved "
-                "the most on the frontier benchmark); see docs/loss.md, 'The level of the target'."
-            )
 
     def train(self, *args, **kwargs):
         """[`~transformers.Trainer.train`], then a warning if the policy barely moved towards its targets."""
@@ -228,13 +116,3 @@ class RPOTrainer(RewardedCompletionsTrainer):
                 "data's targets are mostly a level shared by each prompt's rows (see the warning at the start), "
                 "change the partition estimate as it says."
             )
-
-    def _loss_from_logps(self, batch, policy_logps: torch.Tensor, outputs) -> tuple[torch.Tensor, RowMetrics]:
-        """½·mean((log π_θ − ℓ_ref − t)²), the prompt mean residual weighted by `level_weight` (or Huber's loss of the
-        residual, `huber_delta`): no reference forward, the stored ℓ_ref and t are all RPO reads."""
-        args = self.args
-        out = rpo_loss(
-            policy_logps, batch["ref_logps"], batch["target"], batch["group_key"],
-            level_weight=args.level_weight, huber_delta=args.huber_delta,
-        )  # fmt: skip
-        return out.losses.mean(), RowMetrics(batch["target"], batch["value"], out.log_ratios, out.residuals)
