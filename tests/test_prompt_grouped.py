@@ -184,8 +184,8 @@ def test_a_run_that_barely_moved_is_warned_about(model_dir, make_args, caplog, l
     trainer = RPOTrainer(model_dir, args=args, train_dataset=Dataset.from_dict(reward_rows(num_prompts=4)))
     with caplog.at_level(logging.WARNING):
         trainer.train()
-    moved, asked = (sum(v) / len(v) for v in zip(*trainer._recent_moves, strict=True))
-    assert len(trainer._recent_moves) == 4
+    moved, asked = (sum(v) / len(v) for v in zip(*trainer.batch_metrics.recent_moves, strict=True))
+    assert len(trainer.batch_metrics.recent_moves) == 4
     assert ("Training barely moved the policy" in caplog.text) == warned
     assert (moved**0.5 < 0.05 * asked**0.5) == warned  # the check reads what the steps recorded
     if warned:

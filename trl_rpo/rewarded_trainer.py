@@ -2,7 +2,6 @@
 log-probs (through the layout), the loss step, metrics, logging and evaluation. Each trainer names its objective
 (`_objective_class`, from `objectives.py`); the target pass (`target_pass.py`) builds the objective's columns."""
 
-import collections
 import contextlib
 import gc
 import logging
@@ -43,7 +42,8 @@ from .data import (
     prepare_rows_batch,
 )
 from .layouts import choose_layout
-from .losses import aggregate_logps, pairwise_ranking_counts
+from .losses import aggregate_logps
+from .metrics import BatchMetrics
 from .modeling import disable_dropout, trainable_bnb_layout
 from .objectives import RowValues
 from .rewarded_config import RewardedCompletionsConfig
@@ -122,10 +122,6 @@ class RewardedCompletionsTrainer(KTOTrainer):
         self._data_stats: dict[str, float] = {}  # counts of the data and the target pass, logged once
         self._data_stats_logged = False
         self._eval_prefix = "eval"
-        self._pair_counts = {"train": [0.0, 0.0], "eval": [0.0, 0.0]}
-        # mean log-ratio² and target² of the last training steps: how far the policy moved, against how far it is asked
-        self._recent_moves: collections.deque[tuple[float, float]] = collections.deque(maxlen=_RECENT_STEPS)
-        self._eval_rows: list[torch.Tensor] = []  # (log-ratio, reward, group) of rows evaluated since the last log
         logging.getLogger("trl_rpo").setLevel(args.get_process_log_level())
         super().__init__(
             model=model,
@@ -149,6 +145,7 @@ class RewardedCompletionsTrainer(KTOTrainer):
         if self.is_fsdp_enabled and ref_model is None:
             # TRL loads a reference copy under FSDP for its own precompute; the target pass uses the prepared policy.
             self.ref_model = None
+        self.batch_metrics = BatchMetrics(self.accelerator, args.beta, self._tp_size)
         self.target_pass = TargetPass(
             accelerator=self.accelerator,
             args=args,
@@ -298,8 +295,10 @@ class RewardedCompletionsTrainer(KTOTrainer):
         loss, row = self._loss_from_logps(batch, policy_logps, outputs)
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss
-            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(outputs.aux_loss).mean().item())
-        self._record_metrics(mode, batch, policy_logps.detach(), row, entropy, num_tokens)
+            aux_loss = self.accelerator.gather_for_metrics(outputs.aux_loss).mean().item()
+            self.batch_metrics.values[mode]["aux_loss"].append(aux_loss)
+        tokens = self.layout.tokens_per_row(batch, num_tokens)
+        self.batch_metrics.record(mode, batch, policy_logps.detach(), row, entropy, num_tokens, tokens)
         if return_outputs and not self.is_encoder_decoder:
             with torch.no_grad():  # `compute_metrics` wants logits, which the fused head never builds
                 outputs = model(**self.layout.model_inputs(batch))
@@ -309,50 +308,12 @@ class RewardedCompletionsTrainer(KTOTrainer):
 
     def _loss_from_logps(self, batch, policy_logps: torch.Tensor, outputs) -> tuple[torch.Tensor, RowValues]:
         """The batch loss from the aggregated policy log-probs (and the policy's forward `outputs`, which DRO's value
-        network reads), and the per-row values that `_record_metrics` logs."""
+        network reads), and the per-row values that `batch_metrics` records."""
         return self.objective.loss(batch, policy_logps)
-
-    def _record_metrics(self, mode: str, batch, policy_logps, row: RowValues, entropy, completion_tokens) -> None:
-        # One gather of a (rows, 10) table and one of the group keys: two syncs per step, whatever the metric count.
-        tokens = self.layout.tokens_per_row(batch, completion_tokens)
-        columns = [policy_logps, batch["ref_logps"], row.aim, row.baseline, row.log_ratios, row.residuals]
-        columns += [batch["reward"], entropy, completion_tokens, tokens]
-        table = self.accelerator.gather_for_metrics(torch.stack([c.float() for c in columns], dim=1)).cpu()
-        groups = self.accelerator.gather_for_metrics(batch["group_key"]).cpu()
-        policy, ref, target, value, log_ratio, residual, reward, entropy, completion_tokens, tokens = table.unbind(1)
-        metrics = self._metrics[mode]
-        for key, column in [("logps/policy", policy), ("logps/ref", ref), ("log_ratio", log_ratio), ("kl", log_ratio)]:
-            metrics[key].append(column.mean().item())
-        metrics["target"].append(target.mean().item())
-        metrics["value"].append(value.mean().item())
-        metrics["rewards/implicit"].append(self.args.beta * log_ratio.mean().item())
-        metrics["_residual_sq"].append(residual.pow(2).mean().item())
-        if mode == "train":
-            self._recent_moves.append((log_ratio.pow(2).mean().item(), target.pow(2).mean().item()))
-        metrics["entropy"].append((entropy.sum() / completion_tokens.sum().clamp(min=1)).item())
-        if mode == "eval":  # ranked over the whole split at `log`, not only pairs that share a batch
-            self._eval_rows.append(torch.stack([log_ratio.double(), reward.double(), groups.double()], dim=1))
-        else:
-            agree, pairs = pairwise_ranking_counts(log_ratio, reward, groups)  # τ > 0: same order as τ·log-ratio
-            self._pair_counts[mode][0] += agree.item()
-            self._pair_counts[mode][1] += pairs.item()
-        if mode == "train":
-            self._total_train_tokens += int(tokens.sum().item()) // self._tp_size
-        metrics["num_tokens"] = [self._total_train_tokens]
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"
-        metrics = {key: sum(val) / len(val) for key, val in self._metrics[mode].items() if val}
-        if "_residual_sq" in metrics:  # the root of the mean square, not a mean of per-batch roots
-            metrics["residual_rms"] = metrics.pop("_residual_sq") ** 0.5
-        if mode == "eval" and self._eval_rows:
-            log_ratio, reward, groups = torch.cat(self._eval_rows).unbind(1)
-            agree, pairs = pairwise_ranking_counts(log_ratio, reward, groups)
-            self._pair_counts["eval"] = [agree.item(), pairs.item()]
-            self._eval_rows = []
-        agree, pairs = self._pair_counts[mode]
-        if pairs > 0:
-            metrics["rewards/accuracies"] = agree / pairs
+        metrics = self.batch_metrics.summary(mode)
         if mode == "eval":
             metrics = {f"{self._eval_prefix}_{key}": val for key, val in metrics.items()}
         elif not self._data_stats_logged:
@@ -360,8 +321,6 @@ class RewardedCompletionsTrainer(KTOTrainer):
             self._data_stats_logged = True
         logs.update(metrics)
         super(KTOTrainer, self).log(logs, start_time)
-        self._metrics[mode].clear()
-        self._pair_counts[mode] = [0.0, 0.0]
 
     def evaluation_loop(self, *args, metric_key_prefix: str = "eval", **kwargs):
         # Remember the split's prefix so that the metrics of `eval_dataset={"a": ...}` are logged as `eval_a_*`.
@@ -441,9 +400,6 @@ def _release_from_deepspeed(*models: torch.nn.Module | None) -> None:
     for cell in release_plan.__closure__ or ():  # under DeepSpeed's `instrument_w_nvtx` wrapper
         if hasattr(cell.cell_contents, "cache_clear"):
             cell.cell_contents.cache_clear()
-
-
-_RECENT_STEPS = 10  # the training steps whose movement the end-of-training check reads
 
 
 def _refuse_custom_collator_with_padding_free() -> None:

@@ -103,13 +103,14 @@ class RPOTrainer(RewardedCompletionsTrainer):
     def _warn_if_barely_moved(self) -> None:
         """A run that ends with log-ratios a few percent of its targets (in RMS, over the last steps) has not trained:
         typically a learning rate made for another setting (KTO's default 1e-6 on a LoRA adapter)."""
-        if not self._recent_moves:
+        recent = self.batch_metrics.recent_moves
+        if not recent:
             return
-        moved, asked = (sum(values) / len(values) for values in zip(*self._recent_moves, strict=True))
+        moved, asked = (sum(values) / len(values) for values in zip(*recent, strict=True))
         moved, asked = moved**0.5, asked**0.5
         if asked > 0 and moved < _MOVED_WARNING * asked:
             logger.warning(
-                f"Training barely moved the policy: over its last {len(self._recent_moves)} steps the log-ratios "
+                f"Training barely moved the policy: over its last {len(recent)} steps the log-ratios "
                 f"log π_θ/π_ref have an RMS of {moved:.3g} against targets of {asked:.3g} (RMS), "
                 f"{moved / asked:.1%} of the way. Raise `learning_rate` (LoRA adapters want ≈ 1e-4 to 1e-3; KTO's "
                 "default 1e-6 is for full fine-tuning), train longer, or lower `beta` for larger targets; if the "
