@@ -308,7 +308,7 @@ def test_generate_command(model_dir, tmp_path, capsys):
     level_before = logging.getLogger("trl_rpo").level
     data = _write_jsonl(tmp_path / "questions.jsonl", {"question": PROMPTS["prompt"], "answer": PROMPTS["answer"]})
     config = tmp_path / "generate.yaml"
-    config.write_text(f"model_name_or_path: {model_dir}\nnum_generations: 2\nmax_new_tokens: 3\n")
+    config.write_text(f"model_name_or_path: {model_dir}\nnum_generations: 2\nmax_completion_length: 3\n")
     out = tmp_path / "out"
     cli(["generate", "--config", str(config), "--dataset_name", str(data), "--prompt_column", "question",
          "--output_dir", str(out), "--temperature", "1.0"])  # fmt: skip

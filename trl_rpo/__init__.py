@@ -3,8 +3,6 @@
 Not TRL's former `rpo_alpha` (DPO + NLL), NVIDIA's Reward-aware PO or Relative PO.
 """
 
-__version__ = "0.1.0.dev0"
-
 from .dro_config import DROConfig
 from .dro_trainer import DROTrainer
 from .generation import generate_completions
@@ -26,6 +24,7 @@ from .losses import (
 from .rpo_config import RPOConfig
 from .rpo_trainer import RPOTrainer
 from .scoring import score_completions
+from .version import __version__
 
 
 __all__ = [

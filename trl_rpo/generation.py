@@ -45,6 +45,7 @@ from trl.trainer.utils import pad
 
 from .data import DERIVED_COLUMNS, GROUPED_COLUMNS, PAIRED_COLUMNS, SCORE_COLUMNS, describe_rows
 from .objectives import DROObjective, RPOObjective
+from .version import __version__
 
 
 logger = get_logger(__name__)
@@ -382,7 +383,6 @@ def _check_resumable(output_dir: Path, record: dict) -> None:
 
 
 def _write_generation_config(output_dir: Path, record: dict) -> None:
-    from . import __version__  # here, not at import: `trl_rpo/__init__.py` imports this module
 
     output_dir.mkdir(parents=True, exist_ok=True)
     path = output_dir / GENERATION_CONFIG_FILE
