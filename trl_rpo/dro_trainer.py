@@ -1,5 +1,4 @@
 import itertools
-import json
 import os
 import textwrap
 
@@ -11,6 +10,7 @@ from transformers import AutoConfig, AutoModel, TrainerCallback
 from trl.trainer.utils import get_config_model_id
 
 from .dro_config import DROConfig
+from .files import atomic_path, write_json
 from .modeling import disable_dropout
 from .objectives import DROObjective, RowValues
 from .rewarded_trainer import RewardedCompletionsTrainer
@@ -192,14 +192,14 @@ class DROTrainer(RewardedCompletionsTrainer):
         """Write the value network's weights (`value_head.safetensors`) and `value_head_config.json` to a folder."""
         os.makedirs(output_dir, exist_ok=True)
         value_model = self.accelerator.unwrap_model(self.value_model)
-        save_model(value_model, os.path.join(output_dir, VALUE_HEAD_FILE))
+        with atomic_path(os.path.join(output_dir, VALUE_HEAD_FILE)) as tmp:
+            save_model(value_model, str(tmp))
         config = {
             "value_model_type": self.args.value_model_type,
             "value_model_name_or_path": self.args.value_model_name_or_path,
             "hidden_size": value_model.head.in_features,
         }
-        with open(os.path.join(output_dir, VALUE_CONFIG_FILE), "w") as f:
-            json.dump(config, f, indent=2)
+        write_json(os.path.join(output_dir, VALUE_CONFIG_FILE), config)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)

@@ -44,6 +44,7 @@ from trl.data_utils import _tokenize, extract_prompt
 from trl.trainer.utils import pad
 
 from .data import DERIVED_COLUMNS, GROUPED_COLUMNS, PAIRED_COLUMNS, SCORE_COLUMNS, describe_rows
+from .files import write_json, write_text
 from .objectives import DROObjective, RPOObjective
 from .version import __version__
 
@@ -387,13 +388,7 @@ def _write_generation_config(output_dir: Path, record: dict) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
     path = output_dir / GENERATION_CONFIG_FILE
     if not path.is_file():
-        _write_atomically(path, json.dumps({**record, "trl_rpo_version": __version__}, indent=2) + "\n")
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+        write_json(path, {**record, "trl_rpo_version": __version__})
 
 
 def _shard_lines(shard: Path, prompt_keys: list[str], num_generations: int):
@@ -453,7 +448,7 @@ def _merge_shards(output_dir: Path, prompts: list[dict], num_generations: int) -
     if missing:
         raise RuntimeError(f"Prompts {describe_rows(missing)} have no complete samples in {output_dir / 'shards'}.")
     lines = (json.dumps(row, ensure_ascii=False) + "\n" for i in range(num_prompts) for row in complete[i])
-    _write_atomically(output_dir / COMPLETIONS_FILE, "".join(lines))
+    write_text(output_dir / COMPLETIONS_FILE, "".join(lines))
     logger.info(f"Wrote {num_prompts * num_generations} rows to {output_dir / COMPLETIONS_FILE}.")
 
 

@@ -14,6 +14,7 @@ from datasets import Dataset
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 from transformers.trainer_utils import get_last_checkpoint
 
+from .files import write_json
 from .generation import _digest, generate_completions, prompt_rows
 from .rpo_config import RPOConfig
 from .rpo_trainer import RPOTrainer
@@ -284,6 +285,4 @@ def _write_rounds(output: Path, results: list[RoundResult], settings: dict) -> N
         if result.round > 0:  # relative to the output folder, so a rerun from anywhere finds it
             row["model"] = str(Path(result.model).resolve().relative_to(output.resolve()))
         rows.append(row)
-    tmp = output / (ROUNDS_FILE + ".tmp")
-    tmp.write_text(json.dumps({"settings": settings, "rounds": rows}, indent=2) + "\n")  # NaN as null: strict JSON
-    tmp.replace(output / ROUNDS_FILE)
+    write_json(output / ROUNDS_FILE, {"settings": settings, "rounds": rows})

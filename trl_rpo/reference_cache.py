@@ -17,7 +17,6 @@ the worst case is a cache miss, never another model's values.
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Callable, Iterator
 
 import torch
@@ -25,6 +24,8 @@ from accelerate.logging import get_logger
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
+
+from .files import atomic_path
 
 
 logger = get_logger(__name__)
@@ -128,14 +129,7 @@ def _damaged(path: str, reason: str) -> None:
 
 def save(path: str, tensors: dict[str, torch.Tensor]) -> None:
     """Write atomically: to a temporary file in the same folder, then rename, so a reader never sees half a file."""
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=CACHE_SUFFIX, dir=folder)
-    os.close(handle)
-    try:
-        tensors = {key: value.detach().cpu().contiguous() for key, value in tensors.items()}
-        save_file(tensors, tmp, metadata={"version": CACHE_VERSION})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tensors = {key: value.detach().cpu().contiguous() for key, value in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"version": CACHE_VERSION})

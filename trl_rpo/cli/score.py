@@ -8,7 +8,6 @@ trl-rpo score --dataset_name samples/completions.jsonl --output_dir samples \
 """
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from datasets import Dataset
 from transformers import AutoTokenizer
 from trl import TrlParser
 
+from ..files import atomic_path, write_json
 from ..scoring import describe_rewards, score_completions
 from ..version import __version__
 from .arguments import DatasetArguments, OutputArguments, RewardSourceArguments, require
@@ -93,12 +93,10 @@ def _set_aside(output_dir: Path, names: tuple[str, ...]) -> None:
 
 def write_jsonl(dataset: Dataset, path: Path, batch_size: int = 1000) -> None:
     """`dataset` as JSON lines, floats written exactly, replacing `path` only once complete."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as file:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as file:
         for batch in dataset.iter(batch_size=batch_size):
             rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
             file.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-    os.replace(tmp, path)
 
 
 def _write_scoring_config(output_dir: Path, args: ScoreArguments, rows_in: int, rows_out: int) -> None:
@@ -112,4 +110,4 @@ def _write_scoring_config(output_dir: Path, args: ScoreArguments, rows_in: int, 
         "rows_out": rows_out,
         "trl_rpo_version": __version__,
     }
-    (output_dir / SCORING_CONFIG_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    write_json(output_dir / SCORING_CONFIG_FILE, record)
