@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationMixin
 import trl_rpo
 from trl_rpo import generate_completions
 from trl_rpo.cli import cli
-from trl_rpo.generation import prompt_rows
+from trl_rpo.data import prompt_rows
 
 
 ROOT = Path(__file__).resolve().parents[1]

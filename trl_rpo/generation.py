@@ -23,7 +23,6 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from accelerate import PartialState
@@ -40,12 +39,10 @@ from transformers import (
     PreTrainedModel,
     set_seed,
 )
-from trl.data_utils import _tokenize, extract_prompt
 from trl.trainer.utils import pad
 
-from .data import DERIVED_COLUMNS, GROUPED_COLUMNS, PAIRED_COLUMNS, SCORE_COLUMNS, describe_rows
+from .data import describe_rows, prompt_key, prompt_rows, prompts_digest, render_prompt_ids
 from .files import write_json, write_text
-from .objectives import DROObjective, RPOObjective
 from .version import __version__
 
 
@@ -55,12 +52,6 @@ BACKENDS = ("transformers", "vllm")
 COMPLETIONS_FILE = "completions.jsonl"
 GENERATION_CONFIG_FILE = "generation_config.json"
 SHARDS_FOLDER = "shards"
-# Columns that belong to one completion (or to a trainer's work on it), never to a prompt: not carried over when the
-# prompts come from a dataset in one of the trainer's formats.
-COMPLETION_COLUMNS = frozenset(
-    {"completion", "reward", "label", "prompt_index", "sample_index", "finished", *GROUPED_COLUMNS, *PAIRED_COLUMNS}
-    | {*SCORE_COLUMNS, *DERIVED_COLUMNS, *RPOObjective.columns, *DROObjective.columns}
-)
 # What a resumed run must share with the run that wrote the output folder.
 RESUME_KEYS = (
     "model", "revision", "adapter", "dtype", "temperature", "top_p", "top_k", "max_new_tokens", "num_generations",
@@ -226,7 +217,7 @@ def generate_completions(
     prompts = prompt_rows(dataset)
     _warn_unless_reference_samples(settings)
     output_dir = Path(output_dir)
-    record = {**asdict(settings), "num_prompts": len(prompts), "prompts_digest": _digest(prompts)}
+    record = {**asdict(settings), "num_prompts": len(prompts), "prompts_digest": prompts_digest(prompts)}
     _check_resumable(output_dir, record)
     pending = [i for i in range(len(prompts)) if i not in _complete_groups(output_dir, prompts, num_generations)]
     state.wait_for_everyone()  # every process has read the shards before any appends to them
@@ -272,87 +263,6 @@ def process_state() -> PartialState:
             "`ACCELERATE_USE_CPU=true trl-rpo generate --accelerate_config multi_cpu ...`)."
         )
     return state
-
-
-# ------------------------------------------------------------------------------------------------------ prompts
-def prompt_rows(dataset: Dataset) -> list[dict[str, Any]]:
-    """
-    The prompt rows [`generate_completions`] samples from, as Python dicts: every row of a prompt-only dataset, or
-    the distinct prompts of a dataset in one of `RPOTrainer`'s formats (their columns that are the same on every row
-    of the prompt, completion columns excluded). A paired dataset without `prompt` gets TRL's `extract_prompt`.
-    """
-    process_state()  # accelerate's logger, which warns about dropped columns, needs it
-    if len(dataset) == 0:
-        raise ValueError("The dataset has no rows: there is no prompt to sample from.")
-    columns = set(dataset.column_names)
-    if "prompt" not in columns and not set(PAIRED_COLUMNS) <= columns:
-        raise ValueError(
-            f"The dataset has no 'prompt' column (columns: {sorted(columns)}). Rename the column holding the prompts "
-            "to 'prompt' (`dataset.rename_column(...)`, or `--prompt_column` on the command line)."
-        )
-    rows = dataset.to_list()
-    if "prompt" not in columns:  # DPO pairs with an implicit prompt: the common prefix of the two conversations
-        rows = [{"prompt": extract_prompt(row)["prompt"], **row} for row in rows]
-    _check_prompts(rows)
-    has_completions = "completion" in columns or "completions" in columns or set(PAIRED_COLUMNS) <= columns
-    return _distinct_prompts(rows) if has_completions else rows
-
-
-def _check_prompts(rows: list[dict]) -> None:
-    kinds = [isinstance(row["prompt"], list) for row in rows]
-    if any(kinds) and not all(kinds):
-        standard = [i for i, kind in enumerate(kinds) if not kind]
-        raise ValueError(
-            f"The 'prompt' column mixes conversational message lists and strings: {describe_rows(standard)} are "
-            "strings. Use one format for every row."
-        )
-    empty = [i for i, row in enumerate(rows) if not row["prompt"]]
-    if empty:
-        raise ValueError(f"The 'prompt' column is empty or missing in {describe_rows(empty)}. Fill or drop them.")
-
-
-def _prompt_key(row: dict) -> str:
-    """Rows with the same prompt and chat-template inputs are one prompt."""
-    parts = [row["prompt"], row.get("tools"), row.get("chat_template_kwargs")]
-    return json.dumps(parts, sort_keys=True, ensure_ascii=False, default=str)
-
-
-def _distinct_prompts(rows: list[dict]) -> list[dict]:
-    groups: dict[str, list[dict]] = {}
-    for row in rows:
-        groups.setdefault(_prompt_key(row), []).append(row)
-    candidates = [c for c in rows[0] if c not in COMPLETION_COLUMNS]
-    kept = [c for c in candidates if all(all(r[c] == group[0][c] for r in group) for group in groups.values())]
-    varying = sorted(set(candidates) - set(kept))
-    if varying:
-        logger.warning(
-            f"Columns {varying} differ between rows of one prompt, so they describe completions, not prompts: they "
-            "are not copied onto the generated rows."
-        )
-    return [{c: group[0][c] for c in kept} for group in groups.values()]
-
-
-def _digest(prompts: list[dict]) -> str:
-    """A digest of the prompt rows, so a resumed run is known to sample the same prompts."""
-    h = hashlib.blake2b(digest_size=16)
-    for index, row in enumerate(prompts):
-        try:
-            h.update(json.dumps(row, sort_keys=True, ensure_ascii=False).encode())
-        except TypeError as error:
-            column = next(c for c, v in row.items() if not _json_serializable(v))
-            raise ValueError(
-                f"Column '{column}' of prompt row {index} holds {type(row[column]).__name__} values, which a JSONL "
-                f"file cannot store. Drop it (`dataset.remove_columns('{column}')`) or convert it to text."
-            ) from error
-    return h.hexdigest()
-
-
-def _json_serializable(value) -> bool:
-    try:
-        json.dumps(value)
-    except TypeError:
-        return False
-    return True
 
 
 # ------------------------------------------------------------------------------------------ output folder, resume
@@ -417,7 +327,7 @@ def _is_sample(row, prompt_keys: list[str], num_generations: int) -> bool:
     index, sample = row.get("prompt_index"), row.get("sample_index")
     if not (isinstance(index, int) and isinstance(sample, int)):
         return False
-    return 0 <= index < len(prompt_keys) and 0 <= sample < num_generations and _prompt_key(row) == prompt_keys[index]
+    return 0 <= index < len(prompt_keys) and 0 <= sample < num_generations and prompt_key(row) == prompt_keys[index]
 
 
 def _complete_groups(output_dir: Path, prompts: list[dict], num_generations: int) -> dict[int, list[dict]]:
@@ -426,7 +336,7 @@ def _complete_groups(output_dir: Path, prompts: list[dict], num_generations: int
     a complete group is a run of consecutive rows with sample indices 0 … n-1; the rows a cut write left behind form a
     shorter run, and that prompt is sampled again (its new rows come later in the same shard).
     """
-    keys = [_prompt_key(row) for row in prompts]
+    keys = [prompt_key(row) for row in prompts]
     complete: dict[int, list[dict]] = {}
     for shard in sorted((output_dir / SHARDS_FOLDER).glob("*.jsonl")):
         run: list[dict] = []
@@ -494,7 +404,9 @@ def _generate_share(
         for start in range(0, len(share), batch_size):
             indices = share[start : start + batch_size]
             rows = [prompts[i] for i in indices]
-            sequences = sample([_prompt_ids(tokenizer, row) for row in rows], _batch_seed(settings.seed, indices[0]))
+            sequences = sample(
+                [render_prompt_ids(tokenizer, row) for row in rows], _batch_seed(settings.seed, indices[0])
+            )
             truncated += sum(not finished for _, finished in sequences)
             texts = tokenizer.batch_decode([ids for ids, _ in sequences], skip_special_tokens=True)
             finished = [done for _, done in sequences]
@@ -510,14 +422,6 @@ def _generate_share(
             "them out.",
             main_process_only=False,
         )
-
-
-def _prompt_ids(tokenizer, row: dict) -> list[int]:
-    """The prompt's token ids, rendered as `RPOTrainer` renders it (chat template with the generation prompt)."""
-    if not isinstance(row["prompt"], list):
-        return _tokenize(tokenizer, row["prompt"])["input_ids"]
-    template_kwargs = {"tools": row.get("tools"), **(row.get("chat_template_kwargs") or {})}
-    return _tokenize(tokenizer, row["prompt"], add_generation_prompt=True, **template_kwargs)["input_ids"]
 
 
 def _batch_seed(seed: int, first_prompt: int) -> int:

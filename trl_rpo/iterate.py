@@ -14,8 +14,9 @@ from datasets import Dataset
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 from transformers.trainer_utils import get_last_checkpoint
 
+from .data import prompt_rows, prompts_digest
 from .files import write_json
-from .generation import _digest, generate_completions, prompt_rows
+from .generation import generate_completions
 from .rpo_config import RPOConfig
 from .rpo_trainer import RPOTrainer
 from .scoring import score_completions
@@ -230,7 +231,7 @@ def _settings(model, prompts, args, scoring, sampling, num_generations, eval_num
     funcs = [f if isinstance(f, str) else f"{f.__module__}.{f.__qualname__}" for f in funcs]
     options = {name: getattr(args, name) for name in _RESULT_OPTIONS if hasattr(args, name)}
     values = {
-        "model": model, "prompts_digest": _digest(prompt_rows(prompts)), "reward_funcs": funcs,
+        "model": model, "prompts_digest": prompts_digest(prompt_rows(prompts)), "reward_funcs": funcs,
         "reward_model": scoring["reward_model"], "reward_weights": scoring["reward_weights"],
         "num_generations": num_generations, "eval_num_generations": eval_num_generations, "sampling": sampling,
         "peft_config": peft_config.to_dict() if peft_config is not None else None,

@@ -16,8 +16,9 @@ Accepted formats (standard strings or conversational message lists, extra column
 With `reward_columns` ([`RewardSpec`]) the reward of the unpaired and grouped formats is a weighted sum of several
 columns, each optionally transformed (`log1p` for counts such as votes), before the trainer's reward normalisation.
 
-The modules: `formats` (validation and rows), `tokenize` (token ids and keys), `columns` (Arrow column access) and
-`collator` (batches). [`check_rows`] validates a split in one pass over its Arrow batches (no column is pulled into
+The modules: `formats` (validation and rows), `tokenize` (token ids and keys; the prompt renderer sampling
+shares), `prompts` (the prompts a model samples from), `columns` (Arrow column access) and `collator` (batches).
+[`check_rows`] validates a split in one pass over its Arrow batches (no column is pulled into
 Python lists, so it costs little at any size) and raises one `ValueError` naming the column, the rows and the fix.
 [`reward_rows_batch`] and [`tokenize_batch`] then run inside one batched `Dataset.map`. Columns derived by a trainer
 (token ids, keys, targets) are never trusted: they are dropped and recomputed with the current trainer's settings.
@@ -38,6 +39,7 @@ from .formats import (
     FORMATS_HELP,
     GROUPED_COLUMNS,
     IMAGE_COLUMNS,
+    OBJECTIVE_COLUMNS,
     PAIRED_COLUMNS,
     PASSTHROUGH_COLUMNS,
     REWARD_TRANSFORMS,
@@ -48,15 +50,18 @@ from .formats import (
     reward_rows_batch,
     to_reward_rows,
 )
+from .prompts import COMPLETION_COLUMNS, prompt_key, prompt_rows, prompts_digest
 from .sampler import LengthGroupedSampler, PromptGroupedSampler
-from .tokenize import ids_key, prepare_rows_batch, tokenize_batch, tokenize_image_batch
+from .tokenize import ids_key, prepare_rows_batch, render_prompt_ids, tokenize_batch, tokenize_image_batch
 
 
 __all__ = [
+    "COMPLETION_COLUMNS",
     "DERIVED_COLUMNS",
     "FORMATS_HELP",
     "GROUPED_COLUMNS",
     "IMAGE_COLUMNS",
+    "OBJECTIVE_COLUMNS",
     "PAIRED_COLUMNS",
     "PASSTHROUGH_COLUMNS",
     "REWARD_TRANSFORMS",
@@ -76,6 +81,10 @@ __all__ = [
     "list_lengths",
     "pack_rows",
     "prepare_rows_batch",
+    "prompt_key",
+    "prompt_rows",
+    "prompts_digest",
+    "render_prompt_ids",
     "reward_rows_batch",
     "to_reward_rows",
     "token_ids_digest",

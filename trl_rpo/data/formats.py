@@ -27,6 +27,8 @@ DERIVED_COLUMNS = (
     "source_row", "prompt_ids", "completion_ids", "group_key", "completion_key", "length", "KL_completion_ids",
     "ref_KL_logps",
 )  # fmt: skip
+# The per-row columns the objectives store (`objectives.py`: RPO's ℓ_ref, t, V̂; DRO's ℓ_ref and normalised reward).
+OBJECTIVE_COLUMNS = ("ref_logps", "target", "value", "reward_z")
 GROUPED_COLUMNS = ("completions", "rewards")
 FORMATS_HELP = (
     "RPO accepts `prompt`/`completion`/`reward` (float), `prompt`/`completions`/`rewards` (lists: several scored "

@@ -42,11 +42,22 @@ def _encode_texts(processing_class, texts: list[str]) -> list[list[int]]:
     return [by_text[text] for text in texts]
 
 
+def render_prompt_ids(processing_class, row: dict) -> list[int]:
+    """A prompt's token ids as the trainers render it, one row (`prompt`, and `tools` / `chat_template_kwargs` when
+    present): a string as the tokenizer encodes it, messages through the chat template with the generation prompt.
+    Sampling renders prompts with it, so that its samples are the reference's."""
+    if not isinstance(row["prompt"], list):
+        return _tokenize(processing_class, row["prompt"])["input_ids"]
+    template_kwargs = {"tools": row.get("tools"), **(row.get("chat_template_kwargs") or {})}
+    return _tokenize(processing_class, row["prompt"], add_generation_prompt=True, **template_kwargs)["input_ids"]
+
+
 def _tokenize_prompts(rows: dict[str, list], processing_class, conversational: bool) -> list[list[int]]:
-    if not conversational:
+    if not conversational:  # many rows share a prompt: each distinct text encoded once, on the fast path
         return _encode_texts(processing_class, rows["prompt"])
+    columns = [c for c in ("tools", "chat_template_kwargs") if c in rows]
     return [
-        _tokenize(processing_class, prompt, add_generation_prompt=True, **_template_kwargs(rows, i))["input_ids"]
+        render_prompt_ids(processing_class, {"prompt": prompt, **{c: rows[c][i] for c in columns}})
         for i, prompt in enumerate(rows["prompt"])
     ]
 
