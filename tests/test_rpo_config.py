@@ -131,3 +131,13 @@ def test_use_cpu_under_deepspeed_is_refused(monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # what `accelerate launch` with a DeepSpeed config sets
     with pytest.raises(ValueError, match="set `use_cpu` to false"):
         RPOConfig("out", use_cpu=True)
+
+
+def test_every_objective_column_is_in_the_data_vocabulary():
+    """The columns an objective stores are named once in `trl_rpo.data.OBJECTIVE_COLUMNS`: sampling leaves them off
+    the prompt rows it copies, and a dataset carrying them is told they are recomputed."""
+    from trl_rpo.data import COMPLETION_COLUMNS, OBJECTIVE_COLUMNS
+    from trl_rpo.objectives import DROObjective, RPOObjective
+
+    for objective in (RPOObjective, DROObjective):
+        assert set(objective.columns) <= set(OBJECTIVE_COLUMNS) <= COMPLETION_COLUMNS, objective.name

@@ -18,84 +18,34 @@ makes no assumption on where the completions come from and is then the one to us
 """
 
 import hashlib
-import importlib.util
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
-import torch
 from accelerate import PartialState
 from accelerate.logging import get_logger
 from accelerate.utils import parse_flag_from_env
 from datasets import Dataset
 from tqdm.auto import tqdm
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoModelForSeq2SeqLM,
-    AutoTokenizer,
-    GenerationConfig,
-    PreTrainedModel,
-    set_seed,
-)
-from trl.trainer.utils import pad
+from transformers import AutoTokenizer
 
-from .data import describe_rows, prompt_key, prompt_rows, prompts_digest, render_prompt_ids
-from .files import write_json, write_text
-from .version import __version__
+from ..data import prompt_rows, prompts_digest, render_prompt_ids
+from .backends import check_vllm, transformers_sampler, vllm_sampler
+from .settings import BACKENDS, SamplingSettings
+from .store import (
+    COMPLETIONS_FILE,
+    GENERATION_CONFIG_FILE,
+    SHARDS_FOLDER,
+    check_resumable,
+    complete_groups,
+    merge_shards,
+    open_shard,
+    write_generation_config,
+)
 
 
 logger = get_logger(__name__)
-
-BACKENDS = ("transformers", "vllm")
-COMPLETIONS_FILE = "completions.jsonl"
-GENERATION_CONFIG_FILE = "generation_config.json"
-SHARDS_FOLDER = "shards"
-# What a resumed run must share with the run that wrote the output folder.
-RESUME_KEYS = (
-    "model", "revision", "adapter", "dtype", "temperature", "top_p", "top_k", "max_new_tokens", "num_generations",
-    "seed", "backend", "num_prompts", "prompts_digest",
-)  # fmt: skip
-
-
-@dataclass(frozen=True)
-class SamplingSettings:
-    """What determines the samples; recorded in `generation_config.json` and compared when a run resumes."""
-
-    model: str
-    revision: str | None
-    adapter: str | None
-    dtype: str
-    temperature: float
-    top_p: float
-    top_k: int | None
-    max_new_tokens: int
-    num_generations: int
-    seed: int
-    backend: str
-
-    def __post_init__(self):
-        checks = {
-            "num_generations": self.num_generations >= 1,
-            "temperature": self.temperature > 0,
-            "top_p": 0 < self.top_p <= 1,
-            "top_k": self.top_k is None or self.top_k >= 1,
-            "max_new_tokens": self.max_new_tokens >= 1,
-        }
-        for name, valid in checks.items():
-            if not valid:
-                raise ValueError(
-                    f"`{name}={getattr(self, name)!r}` is invalid: use num_generations >= 1, temperature > 0, "
-                    "0 < top_p <= 1, top_k >= 1 (or None: no top-k), max_new_tokens >= 1."
-                )
-        if self.backend not in BACKENDS:
-            raise ValueError(f"`backend={self.backend!r}` is unknown: use one of {list(BACKENDS)}.")
-
-    @property
-    def samples_reference(self) -> bool:
-        """Whether the samples follow the model's own distribution (what the Monte-Carlo estimator assumes)."""
-        return self.temperature == 1 and self.top_p == 1 and self.top_k is None
 
 
 def generate_completions(
@@ -213,16 +163,16 @@ def generate_completions(
         raise ValueError(f"`batch_size={batch_size}` is invalid: use a positive number of prompts per batch.")
     state = process_state()
     if backend == "vllm":
-        _check_vllm(state)
+        check_vllm(state)
     prompts = prompt_rows(dataset)
     _warn_unless_reference_samples(settings)
     output_dir = Path(output_dir)
     record = {**asdict(settings), "num_prompts": len(prompts), "prompts_digest": prompts_digest(prompts)}
-    _check_resumable(output_dir, record)
-    pending = [i for i in range(len(prompts)) if i not in _complete_groups(output_dir, prompts, num_generations)]
+    check_resumable(output_dir, record)
+    pending = [i for i in range(len(prompts)) if i not in complete_groups(output_dir, prompts, num_generations)]
     state.wait_for_everyone()  # every process has read the shards before any appends to them
     if state.is_main_process:
-        _write_generation_config(output_dir, record)
+        write_generation_config(output_dir, record)
         logger.info(
             f"{len(pending)} of {len(prompts)} prompts left to sample in {output_dir} "
             f"({len(prompts) - len(pending)} already sampled)."
@@ -232,7 +182,7 @@ def generate_completions(
             _generate_share(prompts, share, settings, output_dir, batch_size, trust_remote_code, state)
     state.wait_for_everyone()
     if state.is_main_process:
-        _merge_shards(output_dir, prompts, num_generations)
+        merge_shards(output_dir, prompts, num_generations)
     state.wait_for_everyone()
     return Dataset.from_json(str(output_dir / COMPLETIONS_FILE))
 
@@ -265,116 +215,6 @@ def process_state() -> PartialState:
     return state
 
 
-# ------------------------------------------------------------------------------------------ output folder, resume
-def _check_resumable(output_dir: Path, record: dict) -> None:
-    path = output_dir / GENERATION_CONFIG_FILE
-    if not path.is_file():
-        return
-    try:
-        recorded = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        recorded = error
-    if not isinstance(recorded, dict):
-        raise ValueError(
-            f"The generation record {path} is damaged ({recorded}), so nothing says which settings made the samples "
-            f"in {output_dir}. Restore the file, or move {output_dir} away to sample again."
-        )
-    differing = [key for key in RESUME_KEYS if recorded.get(key) != record[key]]
-    if differing:
-        described = "; ".join(
-            "different prompts"
-            if key == "prompts_digest"
-            else f"{key}={recorded.get(key)!r} there, {record[key]!r} now"
-            for key in differing
-        )
-        raise ValueError(
-            f"{output_dir} holds a generation run with other settings ({described}). Resume it with the same settings "
-            "and prompts, or pass another `output_dir` to start a new run."
-        )
-
-
-def _write_generation_config(output_dir: Path, record: dict) -> None:
-
-    output_dir.mkdir(parents=True, exist_ok=True)
-    path = output_dir / GENERATION_CONFIG_FILE
-    if not path.is_file():
-        write_json(path, {**record, "trl_rpo_version": __version__})
-
-
-def _shard_lines(shard: Path, prompt_keys: list[str], num_generations: int):
-    """The rows of a shard, in order. A line cut by an interruption, or one that is not a sample of these prompts
-    (damaged bytes, another program's output), is skipped and counted: its prompt is sampled again."""
-    damaged = 0
-    for line in shard.read_bytes().splitlines():
-        try:
-            row = json.loads(line.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            row = None
-        if _is_sample(row, prompt_keys, num_generations):
-            yield row
-        elif line.strip():
-            damaged += 1
-    if damaged:
-        logger.warning(
-            f"Skipped {damaged} damaged line(s) of {shard} (not JSON, or not a sample of these prompts): the prompts "
-            "they belonged to are sampled again."
-        )
-
-
-def _is_sample(row, prompt_keys: list[str], num_generations: int) -> bool:
-    if not isinstance(row, dict) or "completion" not in row or not isinstance(row.get("finished"), bool):
-        return False
-    index, sample = row.get("prompt_index"), row.get("sample_index")
-    if not (isinstance(index, int) and isinstance(sample, int)):
-        return False
-    return 0 <= index < len(prompt_keys) and 0 <= sample < num_generations and prompt_key(row) == prompt_keys[index]
-
-
-def _complete_groups(output_dir: Path, prompts: list[dict], num_generations: int) -> dict[int, list[dict]]:
-    """
-    The rows of each prompt whose samples are all in the shards. A prompt's samples are written together, in order, so
-    a complete group is a run of consecutive rows with sample indices 0 … n-1; the rows a cut write left behind form a
-    shorter run, and that prompt is sampled again (its new rows come later in the same shard).
-    """
-    keys = [prompt_key(row) for row in prompts]
-    complete: dict[int, list[dict]] = {}
-    for shard in sorted((output_dir / SHARDS_FOLDER).glob("*.jsonl")):
-        run: list[dict] = []
-        for row in _shard_lines(shard, keys, num_generations):
-            if run and (row["prompt_index"], row["sample_index"]) != (run[0]["prompt_index"], len(run)):
-                run = []
-            if run or row["sample_index"] == 0:
-                run.append(row)
-            if len(run) == num_generations:
-                complete.setdefault(run[0]["prompt_index"], run)
-                run = []
-    return complete
-
-
-def _merge_shards(output_dir: Path, prompts: list[dict], num_generations: int) -> None:
-    num_prompts = len(prompts)
-    complete = _complete_groups(output_dir, prompts, num_generations)
-    missing = [i for i in range(num_prompts) if i not in complete]
-    if missing:
-        raise RuntimeError(f"Prompts {describe_rows(missing)} have no complete samples in {output_dir / 'shards'}.")
-    lines = (json.dumps(row, ensure_ascii=False) + "\n" for i in range(num_prompts) for row in complete[i])
-    write_text(output_dir / COMPLETIONS_FILE, "".join(lines))
-    logger.info(f"Wrote {num_prompts * num_generations} rows to {output_dir / COMPLETIONS_FILE}.")
-
-
-def _open_shard(output_dir: Path, rank: int):
-    """This process's shard, opened for appending after cutting a line an interruption left unfinished."""
-    path = output_dir / SHARDS_FOLDER / f"rank-{rank}.jsonl"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.is_file():
-        data = path.read_bytes()
-        if data and not data.endswith(b"\n"):
-            with open(path, "r+b") as file:
-                file.truncate(data.rfind(b"\n") + 1)
-    return open(path, "a", encoding="utf-8")
-
-
-# ---------------------------------------------------------------------------------------------------- sampling
 def _generate_share(
     prompts: list[dict],
     share: list[int],
@@ -393,12 +233,12 @@ def _generate_share(
             f"The prompts are conversational but the tokenizer of {settings.model} has no chat template. Set one "
             "(`tokenizer.chat_template = ...`, saved with the model), or give the prompts as strings."
         )
-    sample = (_vllm_sampler if settings.backend == "vllm" else _transformers_sampler)(
+    sample = (vllm_sampler if settings.backend == "vllm" else transformers_sampler)(
         settings, tokenizer, trust_remote_code, state.device
     )
     truncated = 0
     with (
-        _open_shard(output_dir, state.process_index) as shard,
+        open_shard(output_dir, state.process_index) as shard,
         tqdm(total=len(share), desc="Generating", unit="prompt", disable=not state.is_local_main_process) as progress,
     ):
         for start in range(0, len(share), batch_size):
@@ -444,118 +284,12 @@ def _output_lines(
     return lines
 
 
-def _load_model(settings: SamplingSettings, trust_remote_code: bool) -> PreTrainedModel:
-    config = AutoConfig.from_pretrained(
-        settings.model, revision=settings.revision, trust_remote_code=trust_remote_code
-    )
-    auto_class = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-    model = auto_class.from_pretrained(
-        settings.model, revision=settings.revision, dtype=settings.dtype, trust_remote_code=trust_remote_code
-    )
-    if settings.adapter:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, settings.adapter).merge_and_unload()  # merged: plain, faster forward
-    return model.eval()
-
-
-def _eos_ids(model: PreTrainedModel, tokenizer) -> list[int]:
-    eos = model.generation_config.eos_token_id
-    eos = tokenizer.eos_token_id if eos is None else eos
-    return [eos] if isinstance(eos, int) else list(eos)
-
-
-def _transformers_sampler(settings: SamplingSettings, tokenizer, trust_remote_code: bool, device):
-    """A function `(prompt ids, seed) -> [(completion ids, finished)]`, `num_generations` per prompt, in order."""
-    model = _load_model(settings, trust_remote_code).to(device)
-    eos_ids = _eos_ids(model, tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
-    encoder_decoder = model.config.is_encoder_decoder
-    # A fresh configuration, not the model's: its sampling defaults (temperature, top-k, repetition penalty, …) would
-    # change the distribution the recorded settings describe. `top_k=0` switches off transformers' default of 50.
-    generation_config = GenerationConfig(
-        do_sample=True,
-        temperature=settings.temperature,
-        top_p=settings.top_p,
-        top_k=settings.top_k or 0,
-        max_new_tokens=settings.max_new_tokens,
-        num_return_sequences=settings.num_generations,
-        eos_token_id=eos_ids,
-        pad_token_id=pad_id,
-        bos_token_id=model.generation_config.bos_token_id,
-        decoder_start_token_id=model.generation_config.decoder_start_token_id,
-    )
-    model.generation_config = generation_config  # so `generate` does not fill unset values from the model's
-
-    def sample(prompt_ids: list[list[int]], seed: int) -> list[tuple[list[int], bool]]:
-        # Causal models continue the prompt, so it is padded on the left; an encoder reads it whole (right padding).
-        side = "right" if encoder_decoder else "left"
-        input_ids = pad([torch.tensor(ids) for ids in prompt_ids], padding_value=pad_id, padding_side=side)
-        mask = pad([torch.ones(len(ids), dtype=torch.long) for ids in prompt_ids], padding_value=0, padding_side=side)
-        set_seed(seed)
-        with torch.inference_mode():
-            output = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device))
-        new_tokens = output[:, 1:] if encoder_decoder else output[:, input_ids.shape[1] :]  # 1: decoder start token
-        return [_until_eos(ids, eos_ids) for ids in new_tokens.tolist()]
-
-    return sample
-
-
-def _until_eos(ids: list[int], eos_ids: list[int]) -> tuple[list[int], bool]:
-    """The tokens before the first EOS, and whether there was one (else the sample hit `max_new_tokens`)."""
-    for position, token in enumerate(ids):
-        if token in eos_ids:
-            return ids[:position], True
-    return ids, False
-
-
-# ------------------------------------------------------------------------------------------------------- vLLM
-VLLM_HELP = "Install vLLM (`pip install vllm`, on a machine with a CUDA GPU) or use backend='transformers'."
-
-
-def _check_vllm(state: PartialState) -> None:
-    if importlib.util.find_spec("vllm") is None:
-        raise ImportError(f"backend='vllm' needs the `vllm` package, which is not installed. {VLLM_HELP}")
-    if not torch.cuda.is_available():
-        raise RuntimeError(f"backend='vllm' needs a CUDA GPU, and none is visible. {VLLM_HELP}")
-    if state.num_processes > 1:
-        raise ValueError(
-            "backend='vllm' runs in one process (vLLM spreads a model over GPUs itself, with tensor parallelism). "
-            "Run `trl-rpo generate --backend vllm` without accelerate, or use backend='transformers' to shard."
-        )
-
-
-def _vllm_sampler(settings: SamplingSettings, tokenizer, trust_remote_code: bool, device):
-    """The vLLM version of [`_transformers_sampler`]: same prompt token ids, same settings. Not run by this project's
-    tests (no GPU, no vLLM there)."""
-    from vllm import LLM, SamplingParams
-
-    llm = LLM(
-        model=settings.model,
-        revision=settings.revision,
-        dtype=settings.dtype,
-        seed=settings.seed,
-        trust_remote_code=trust_remote_code,
-        enable_lora=settings.adapter is not None,
-        generation_config="vllm",  # vLLM's neutral defaults, not the model's own sampling settings
-    )
-    lora_request = None
-    if settings.adapter:
-        from vllm.lora.request import LoRARequest
-
-        lora_request = LoRARequest("adapter", 1, settings.adapter)
-
-    def sample(prompt_ids: list[list[int]], seed: int) -> list[tuple[list[int], bool]]:
-        params = SamplingParams(
-            n=settings.num_generations,
-            temperature=settings.temperature,
-            top_p=settings.top_p,
-            top_k=settings.top_k or -1,  # -1: no top-k
-            max_tokens=settings.max_new_tokens,
-            seed=seed,
-        )
-        requests = [{"prompt_token_ids": ids} for ids in prompt_ids]
-        outputs = llm.generate(requests, params, lora_request=lora_request, use_tqdm=False)
-        return [(list(c.token_ids), c.finish_reason == "stop") for output in outputs for c in output.outputs]
-
-    return sample
+__all__ = [
+    "BACKENDS",
+    "COMPLETIONS_FILE",
+    "GENERATION_CONFIG_FILE",
+    "SHARDS_FOLDER",
+    "SamplingSettings",
+    "generate_completions",
+    "process_state",
+]
