@@ -135,11 +135,7 @@ class DROTrainer(RewardedCompletionsTrainer):
 
     def _values(self, batch, outputs) -> torch.Tensor:
         """V_φ(x) of each row, from the prompt tokens only."""
-        if self.is_encoder_decoder:  # the encoder reads the prompt alone
-            prompt_mask, prompt_ids = batch["attention_mask"], batch["input_ids"]
-        else:  # rows are right-padded prompt + completion
-            prompt_mask = batch["attention_mask"] * (1 - batch["completion_mask"])
-            prompt_ids = batch["input_ids"]
+        prompt_ids, prompt_mask = self.layout.prompt_inputs(batch)
         prompt_len = prompt_mask.sum(-1)
         if self.args.value_model_type == "separate":
             width = max(int(prompt_len.max()), 1)

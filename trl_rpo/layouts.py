@@ -84,6 +84,15 @@ class CausalLayout:
         """Tokens the model read per row (the `num_tokens` metric)."""
         return batch["attention_mask"].sum(-1)
 
+    def prompt_inputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prompt's token ids and its mask over the batch's positions (what DRO's value network reads)."""
+        return batch["input_ids"], batch["attention_mask"] * (1 - batch["completion_mask"])
+
+    @property
+    def outputs_have_logits(self) -> bool:
+        """Whether the training forward returns logits (`compute_metrics` wants them; the fused head builds none)."""
+        return False
+
     def completion_logps(self, model, batch: dict[str, torch.Tensor], with_entropy: bool, **forward_kwargs):
         """Per row: summed log-prob of the completion tokens, their count, summed token entropy (or `None`), and the
         model's outputs. TRL's fused LM head gives the log-probs of the labelled tokens without full logits."""
@@ -175,6 +184,13 @@ class EncoderDecoderLayout(CausalLayout):
     def tokens_per_row(self, batch, completion_tokens):
         return batch["attention_mask"].sum(-1) + completion_tokens
 
+    def prompt_inputs(self, batch):
+        return batch["input_ids"], batch["attention_mask"]  # the encoder reads the prompt alone
+
+    @property
+    def outputs_have_logits(self) -> bool:
+        return True
+
     def completion_logps(self, model, batch, with_entropy, **forward_kwargs):
         mask = batch["completion_mask"]
         labels = batch["completion_ids"].masked_fill(mask == 0, -100)  # the model shifts them into its decoder
@@ -213,9 +229,20 @@ class VisionLanguageLayout(CausalLayout):
 
 
 def choose_layout(
-    *, is_encoder_decoder: bool, padding_free: bool, has_images: bool, processing_class, max_length: int | None
+    *,
+    is_encoder_decoder: bool,
+    padding_free: bool,
+    has_images: bool,
+    processing_class,
+    max_length: int | None,
+    custom_collator: bool = False,
 ) -> CausalLayout:
     """The layout of a trainer's rows, decided once, with the one refusal for each combination that cannot work."""
+    if padding_free and custom_collator:
+        raise ValueError(
+            "`padding_free=True` sets up the trainer's own collator, but a `data_collator` was passed. Remove one of "
+            "them (or pack in your collator: see `trl_rpo.data.pack_rows`)."
+        )
     if has_images:
         if not hasattr(processing_class, "image_processor"):
             raise ValueError(

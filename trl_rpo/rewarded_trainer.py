@@ -109,9 +109,8 @@ class RewardedCompletionsTrainer(KTOTrainer):
             has_images=train_dataset is not None and bool(set(IMAGE_COLUMNS) & set(train_dataset.column_names)),
             processing_class=processing_class,
             max_length=args.max_length,
+            custom_collator=data_collator is not None,
         )
-        if args.padding_free and data_collator is not None:
-            _refuse_custom_collator_with_padding_free()
         if data_collator is None:
             tokenizer = getattr(processing_class, "tokenizer", processing_class)
             data_collator = self.layout.collator(
@@ -299,7 +298,7 @@ class RewardedCompletionsTrainer(KTOTrainer):
             self.batch_metrics.values[mode]["aux_loss"].append(aux_loss)
         tokens = self.layout.tokens_per_row(batch, num_tokens)
         self.batch_metrics.record(mode, batch, policy_logps.detach(), row, entropy, num_tokens, tokens)
-        if return_outputs and not self.is_encoder_decoder:
+        if return_outputs and not self.layout.outputs_have_logits:
             with torch.no_grad():  # `compute_metrics` wants logits, which the fused head never builds
                 outputs = model(**self.layout.model_inputs(batch))
         if return_outputs:
@@ -400,13 +399,6 @@ def _release_from_deepspeed(*models: torch.nn.Module | None) -> None:
     for cell in release_plan.__closure__ or ():  # under DeepSpeed's `instrument_w_nvtx` wrapper
         if hasattr(cell.cell_contents, "cache_clear"):
             cell.cell_contents.cache_clear()
-
-
-def _refuse_custom_collator_with_padding_free() -> None:
-    raise ValueError(
-        "`padding_free=True` sets up the trainer's own collator, but a `data_collator` was passed. Remove one of "
-        "them (or pack in your collator: see `trl_rpo.data.pack_rows`)."
-    )
 
 
 def _is_encoder_decoder(model, args: RewardedCompletionsConfig) -> bool:
