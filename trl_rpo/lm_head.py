@@ -4,14 +4,15 @@ TRL's fused LM head (`fused_lm_head=True`, `trl.trainer.utils`) computes per-tok
 the full logits. On CUDA/XPU it projects only the positions that predict a label; on CPU and MPS it projects every
 position (fixed tile shapes, for Neuron's compiler) and its tiled log-prob function falls back to several plain-torch
 passes per tile, recomputing the projection in backward. For RPO, whose loss needs only the completion tokens'
-log-probs, that multiplied the step time by 3.2× on CPU (`benchmarks/throughput.py`). This module restores the
+log-probs, that multiplies the step time on CPU (measured, with the TRL release, in `docs/upstream_lm_head.md`;
+`benchmarks/throughput.py` measures it again). This module restores the
 labelled-positions projection there, computes small enough heads with one `log_softmax`, and asks only for the
 outputs the caller needs. It reads two private TRL names (`_use_triton`, `_ChunkedLogProbFunction`); the seam is
 pinned by `tests/test_trl_seam.py`. A draft of the upstream issue is in `docs/upstream_lm_head.md`.
 
-TRL 1.15 projects only the labelled positions everywhere (it has no `_use_triton` switch), and its tiled function is
-a Triton kernel that is `None` where Triton is not installed (PyTorch's CPU wheels): there this module's plain head is
-the only one that runs on CPU, whatever the size.
+Where a TRL release has no `_use_triton` switch it projects only the labelled positions everywhere, and where its
+tiled function is a Triton kernel that is `None` without Triton (PyTorch's CPU wheels), this module's plain head is
+the only one that runs on CPU, whatever the size; which releases do what: `docs/trl_seam.md`.
 """
 
 import contextlib
@@ -28,7 +29,7 @@ class CompletionHeadOffAccelerator:
     """Stands in for TRL's `_ChunkedLogProbFunction` inside `completion_only_lm_head()` (same `apply` signature).
 
     On CPU and MPS, TRL's tiled log-prob function falls back to several plain-torch passes per tile and recomputes
-    the projection in backward: 1.2x a plain PyTorch step on its own in benchmarks/throughput.py. When the logits
+    the projection in backward: slower than a plain PyTorch step on its own (docs/upstream_lm_head.md). When the logits
     of the completion tokens are small enough to hold, they are computed once here (projection, TRL's scale /
     softcap / temperature transform, one `log_softmax` kept for backward) and the entropy and mean logit are read
     from them without gradient. On accelerators, or for larger batches, TRL's function runs. Either way only the
@@ -36,7 +37,7 @@ class CompletionHeadOffAccelerator:
     reference pass needs no entropy.
     """
 
-    chunked = trl_utils._ChunkedLogProbFunction  # TRL's own; None on TRL 1.15 without Triton
+    chunked = trl_utils._ChunkedLogProbFunction  # TRL's own; None on releases whose kernel needs Triton, without it
     keep: tuple[str, ...] | None = None
 
     @classmethod
@@ -69,11 +70,11 @@ def completion_only_lm_head(with_entropy: bool):
 
     1. It projects only the labelled (completion) positions on CUDA/XPU but every position elsewhere (fixed tile
        shapes, for Neuron's compiler): on CPU/MPS that multiplies the head's work by sequence/completion length for
-       nothing (3.2x RPO's step time in benchmarks/throughput.py), so it is switched to the labelled positions.
+       nothing (several times RPO's step time, docs/upstream_lm_head.md), so it is switched to the labelled positions.
     2. Its log-prob function is replaced there by `CompletionHeadOffAccelerator` (see its docstring).
     3. Everywhere, only the log-probs (and the entropy, if `with_entropy`) are computed.
     """
-    original = getattr(trl_utils, "_use_triton", None)  # TRL >= 1.16; 1.15 compacts on every device
+    original = getattr(trl_utils, "_use_triton", None)  # None: a release that compacts on every device
     if original is not None:
         trl_utils._use_triton = lambda device: original(device) or device.type in ("cpu", "mps")
     trl_utils._ChunkedLogProbFunction = CompletionHeadOffAccelerator

@@ -157,8 +157,9 @@ class RPOObjective:
                 "samples per prompt and a small `beta` pushes every worse completion down by ≈ 1/beta. For "
                 "completions sampled from the model, set `partition_estimator='monte_carlo'` with "
                 "`partition_temperature=float('inf')` and `value_shrinkage='empirical_bayes'` (the contrast, and a "
-                "level shrunk towards the pooled value), `logps_aggregation='sum'` and a small `beta` (0.05 moved "
-                "the most on the frontier benchmark); see docs/loss.md, 'The level of the target'."
+                "level shrunk towards the pooled value), `logps_aggregation='sum'` and a small `beta` (what the "
+                "frontier benchmark measured: docs/benchmarks.md, 'What to use'); see docs/loss.md, 'The level of the "
+                "target'."
             )
 
 

@@ -74,8 +74,8 @@ class RPOConfig(RewardedCompletionsConfig):
             Replace the square of each row's residual δ by Huber's loss: ½δ² when |δ| ≤ huber_delta, else
             huber_delta·(|δ| − huber_delta/2). Same minimum (δ = 0); the gradient is δ clipped to ±huber_delta, so rows
             whose targets are out of reach (tens of nats at a small τ) pull no harder than the others. `None` (the
-            default) keeps the square. Needs `level_weight=1`. An ablation: it lost to the square on the frontier
-            benchmark (docs/loss.md).
+            default) keeps the square. Needs `level_weight=1`. An ablation; how it fared on the frontier benchmark:
+            docs/benchmarks.md.
 
         > Parameters that control the reward (shared with [`DROConfig`])
 
