@@ -197,6 +197,10 @@ def test_the_reference_cache_keys_on_the_images(tmp_path, processor):
 
 def test_image_rows_are_refused_where_they_cannot_work(tmp_path, processor, tokenizer, t5_dir):
     data = Dataset.from_dict(conversational_rows())
+    text_rows = data.remove_columns("image")
+    with pytest.raises(ValueError, match=r"eval dataset has image columns \(image\) but the training split has none"):
+        RPOTrainer(build_vision_lm(processor), args=_args(tmp_path), train_dataset=text_rows, eval_dataset=data,
+                   processing_class=processor)  # fmt: skip
     with pytest.raises(ValueError, match="no image processor: pass the model's processor"):
         RPOTrainer(build_causal_lm(tokenizer), args=_args(tmp_path), train_dataset=data, processing_class=tokenizer)
     with pytest.raises(ValueError, match="cannot pack image rows"):

@@ -196,6 +196,13 @@ class RewardedCompletionsTrainer(KTOTrainer):
         """Validate, expand to `(prompt, completion, reward)` rows and tokenise a split; derived columns in the input
         are recomputed."""
         row_format = check_rows(dataset, dataset_name, self.objective.columns, RewardSpec.from_config(args))
+        images = set(IMAGE_COLUMNS) & set(dataset.column_names)
+        if images and "images" not in self.layout.row_columns:  # never train on image rows without their images
+            raise ValueError(
+                f"The {dataset_name} dataset has image columns ({', '.join(sorted(images))}) but the training split "
+                f"has none, so this trainer was set up for text rows ({self.layout.name} layout) and would drop the "
+                "images. Give the training split its images too, or drop the image columns from this split."
+            )
         if row_format.conversational and not getattr(self._tokenizer, "chat_template", None):
             raise ValueError(
                 f"The {dataset_name} dataset is conversational (message lists) but the tokenizer has no chat "
