@@ -226,3 +226,17 @@ def test_dro_trains_its_value_network_on_image_rows(tmp_path, processor):
     trainer.train()
     for name, param in trainer.value_model.named_parameters():
         assert not torch.equal(before[name], param), name
+
+
+def test_a_saved_vision_model_trains_by_its_path_with_its_own_processor(tmp_path, processor):
+    """As with KTOTrainer: `RPOTrainer("<folder>")` loads the vision-language model and, with no `processing_class`,
+    its processor (`AutoProcessor`), whose image processor the layout then uses."""
+    folder = tmp_path / "tiny-llava"
+    build_vision_lm(processor).save_pretrained(folder)
+    processor.save_pretrained(folder)
+    trainer = RPOTrainer(str(folder), args=_args(tmp_path), train_dataset=Dataset.from_dict(standard_rows()))
+    assert trainer.layout.name == "vision-language"
+    assert type(trainer.model).__name__ == "LlavaForConditionalGeneration"
+    before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    trainer.train()
+    assert any(not torch.equal(before[name], p) for name, p in trainer.model.named_parameters())
