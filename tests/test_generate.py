@@ -296,6 +296,10 @@ def test_an_adapter_changes_the_samples(model_dir, tmp_path):
 def test_vllm_backend_without_vllm_or_gpu_says_what_to_do(model_dir, tmp_path):
     with pytest.raises((ImportError, RuntimeError), match="vllm.*backend='transformers'"):
         generate_completions(Dataset.from_dict(PROMPTS), model=model_dir, output_dir=tmp_path / "out", backend="vllm")
+    data = _write_jsonl(tmp_path / "prompts.jsonl", PROMPTS)
+    with pytest.raises((ImportError, RuntimeError), match="vllm.*backend='transformers'"):  # GRPOConfig's name
+        cli(["generate", "--model_name_or_path", model_dir, "--dataset_name", str(data), "--output_dir",
+             str(tmp_path / "cli"), "--use_vllm"])  # fmt: skip
 
 
 def _write_jsonl(path: Path, columns: dict[str, list]) -> Path:

@@ -36,6 +36,7 @@ class GenerateArguments(DatasetArguments, SamplingArguments, OutputArguments):
         default="transformers",
         metadata={"help": "transformers, or vllm (one process, a CUDA GPU, `pip install vllm`; not tested here)."},
     )
+    use_vllm: bool = field(default=False, metadata={"help": "GRPOConfig's name for `--backend vllm`."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the Hub."})
 
 
@@ -65,7 +66,7 @@ def run(argv: list[str]) -> None:
         adapter=args.adapter_name_or_path,
         revision=args.model_revision,
         dtype=args.dtype,
-        backend=args.backend,
+        backend="vllm" if args.use_vllm else args.backend,
         trust_remote_code=args.trust_remote_code,
     )
     state = PartialState()
