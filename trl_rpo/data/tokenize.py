@@ -101,6 +101,10 @@ def tokenize_batch(rows: dict[str, list], processing_class, is_encoder_decoder: 
     return rows | _with_keys(prompt_ids, completion_ids, prompt_ids)
 
 
+# Per-token ids some processors return beside `input_ids` to mark image tokens (Gemma 3, Qwen2.5-VL).
+TEXT_SIDE_IMAGE_KEYS = ("token_type_ids", "mm_token_type_ids")
+
+
 def _row_images(rows: dict[str, list]) -> list[list]:
     """Each row's images as a list (TRL's `image` column holds one, `images` a list; `None` is none)."""
     if "images" in rows:
@@ -147,6 +151,15 @@ def tokenize_image_batch(rows: dict[str, list], processor) -> dict[str, list]:
     def encode(text: str, row_images: list) -> list[int]:
         # A rendered chat template already holds its special tokens (TRL's collator does the same).
         encoded = processor(text=[text], images=row_images or None, add_special_tokens=not conversational)
+        unsupported = sorted(set(encoded) & set(TEXT_SIDE_IMAGE_KEYS))
+        if unsupported:
+            raise ValueError(
+                f"The processor ({type(processor).__name__}) marks image tokens in the text "
+                f"({', '.join(unsupported)}), which trl_rpo does not carry into its batches yet: the model would read "
+                "its images wrongly. "
+                "Vision-language models whose processor returns only `input_ids`, `attention_mask` and image inputs "
+                "(LLaVA-style) are supported; use KTOTrainer's on-the-fly path for this model, or open an issue."
+            )
         return list(encoded["input_ids"][0])
 
     prompt_ids = [encode(text, row_images) for text, row_images in zip(prompt_texts, images, strict=True)]
