@@ -6,7 +6,7 @@ images; the first loss is the hand-computed one; LoRA moves only the adapter and
 import numpy as np
 import pytest
 import torch
-from conftest import assert_only_adapter_moved
+from conftest import assert_only_adapter_moved, capture_target_passes
 from datasets import Dataset
 from peft import LoraConfig
 from PIL import Image
@@ -142,7 +142,7 @@ def test_first_loss_and_gradient_match_a_naive_computation(tmp_path, processor):
             torch.testing.assert_close(grads[name], param.grad, rtol=1e-4, atol=1e-6)
 
 
-def test_lora_trains_the_adapter_and_its_disabled_base_is_the_reference(tmp_path, processor):
+def test_lora_trains_the_adapter_and_its_disabled_base_is_the_reference(tmp_path, processor, monkeypatch):
     model = build_vision_lm(processor)
     peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
     trainer = RPOTrainer(model, args=_args(tmp_path), train_dataset=Dataset.from_dict(standard_rows()),
@@ -150,13 +150,13 @@ def test_lora_trains_the_adapter_and_its_disabled_base_is_the_reference(tmp_path
     before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
     trainer.train()
     assert_only_adapter_moved(before, trainer.model)
-    # A split seen after training is scored by the base with the adapter disabled, not by the trained policy.
-    new = Dataset.from_dict(conversational_rows()).select(range(3))
-    prepared = trainer._prepare_dataset(new, processor, trainer.args, "held_out")
-    scored = trainer._precompute_ref_logps(prepared, "held_out", 3)
+    # A split first seen by `evaluate()` after training is scored by the base with the adapter disabled.
+    seen = capture_target_passes(trainer, monkeypatch)
+    metrics = trainer.evaluate({"held_out": Dataset.from_dict(conversational_rows()).select(range(3))})
     bare = build_vision_lm(processor).eval()  # same seed: the base weights before training
-    for row in scored:
+    for row in seen["held_out"]:
         assert row["ref_logps"] == pytest.approx(_naive_logps(bare, processor, row), rel=1e-5)
+    assert abs(metrics["eval_held_out_log_ratio"]) > 1e-4  # and the policy that trained is not that reference
     logs = trainer.state.log_history
     assert any(abs(log.get("log_ratio", 0.0)) > 1e-4 for log in logs)  # the adapter moved the policy
 
