@@ -215,7 +215,7 @@ def test_image_rows_are_refused_where_they_cannot_work(tmp_path, processor, toke
 
 
 def test_dro_trains_its_value_network_on_image_rows(tmp_path, processor):
-    """DRO's shared value head reads the policy's hidden state at the prompt's last token, images included."""
+    """DRO's shared value head (on the policy's hidden state at the prompt's last token) trains on image rows."""
     args = DROConfig(
         output_dir=str(tmp_path / "dro"), report_to="none", per_device_train_batch_size=3, max_steps=2,
         learning_rate=0.05, save_strategy="no", disable_tqdm=True, cache_ref_log_probs=False,

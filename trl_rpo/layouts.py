@@ -40,6 +40,7 @@ class CausalLayout:
     is_encoder_decoder: ClassVar[bool] = False
     # Columns besides the token ids that a batch is built from (the reference pass reads them with the ids).
     row_columns: ClassVar[tuple[str, ...]] = ()
+    collator_class: ClassVar[type] = DataCollatorForRewardedCompletions
 
     # ----------------------------------------------------------------------------------------------- rows
     def fits(self, prompt_lengths: np.ndarray) -> np.ndarray:
@@ -65,13 +66,17 @@ class CausalLayout:
 
     # ---------------------------------------------------------------------------------------- batches
     def collator(self, pad_token_id: int, pad_to_multiple_of: int | None, value_columns: dict[str, torch.dtype]):
-        return DataCollatorForRewardedCompletions(
+        return self.collator_class(
             pad_token_id=pad_token_id,
             max_length=self.max_length,
             pad_to_multiple_of=pad_to_multiple_of,
-            is_encoder_decoder=self.is_encoder_decoder,
             value_columns=value_columns,
+            **self._collator_options(),
         )
+
+    def _collator_options(self) -> dict[str, Any]:
+        """What the collator of this layout is built with besides padding, truncation and value columns."""
+        return {"is_encoder_decoder": self.is_encoder_decoder}
 
     def check_model(self, model) -> None:
         """Refuse a model this layout cannot feed (nothing to refuse for plain causal rows)."""
@@ -122,14 +127,8 @@ class PackedCausalLayout(CausalLayout):
         # No padding to save; on attention quadratic in the packed length (sdpa on CPU) grouping long rows costs more.
         return False
 
-    def collator(self, pad_token_id, pad_to_multiple_of, value_columns):
-        return DataCollatorForRewardedCompletions(
-            pad_token_id=pad_token_id,
-            max_length=self.max_length,
-            pad_to_multiple_of=pad_to_multiple_of,
-            value_columns=value_columns,
-            padding_free=True,
-        )
+    def _collator_options(self):
+        return {"padding_free": True}
 
     def check_model(self, model) -> None:
         """Rows of a packed batch share one sequence: only attention that keeps them apart may read it."""
@@ -214,14 +213,10 @@ class VisionLanguageLayout(CausalLayout):
     name: ClassVar[str] = "vision-language"
     row_columns: ClassVar[tuple[str, ...]] = ("images",)
 
-    def collator(self, pad_token_id, pad_to_multiple_of, value_columns):
-        return DataCollatorForRewardedImageCompletions(
-            pad_token_id=pad_token_id,
-            max_length=self.max_length,
-            pad_to_multiple_of=pad_to_multiple_of,
-            value_columns=value_columns,
-            image_processor=self.processor.image_processor,
-        )
+    collator_class: ClassVar[type] = DataCollatorForRewardedImageCompletions
+
+    def _collator_options(self):
+        return {"image_processor": self.processor.image_processor}
 
     def model_inputs(self, batch):
         image_inputs = {key: batch[key] for key in DataCollatorForRewardedImageCompletions.image_keys if key in batch}

@@ -162,35 +162,14 @@ class RewardedCompletionsTrainer(KTOTrainer):
         """What each split's target pass did on this rank: cache "hit" / "miss" / "off", and the rows it scored."""
         return self.target_pass.log
 
-    # Neither RPO nor DRO has a KL term: this switches off KTOTrainer's mismatched-completion machinery (KL columns,
-    # the sequential-sampler and batch-size > 1 requirements, the extra forwards).
-    @property
-    def calculate_KL(self) -> bool:
-        return False
-
-    @calculate_KL.setter
-    def calculate_KL(self, value: bool) -> None:
-        pass
-
-    # KTOTrainer's own precompute (and its hash of every weight) is switched off: the target pass replaces it, run
-    # by `_compute_targets_of_every_split` once the trainer is built, and by `evaluate` for new datasets.
-    @property
-    def precompute_ref_logps(self) -> bool:
-        return False
-
-    @precompute_ref_logps.setter
-    def precompute_ref_logps(self, value: bool) -> None:
-        pass
-
-    # KTOTrainer leaves image rows raw for its on-the-fly collator; here every split is tokenised once, with its
-    # images, by `_prepare_dataset`, and the layout (`VisionLanguageLayout`) builds their batches.
-    @property
-    def _is_vision_dataset(self) -> bool:
-        return False
-
-    @_is_vision_dataset.setter
-    def _is_vision_dataset(self, value: bool) -> None:
-        pass
+    # KTOTrainer attributes held at False whatever its `__init__` assigns (tests/test_trl_seam.py pins the lines):
+    # - neither RPO nor DRO has a KL term: KTOTrainer's mismatched-completion machinery (KL columns, the
+    #   sequential-sampler and batch-size > 1 requirements, the extra forwards) stays off;
+    # - KTOTrainer's own precompute (and its hash of every weight) stays off: the target pass replaces it, run by
+    #   `_compute_targets_of_every_split` once the trainer is built, and by `evaluate` for new datasets;
+    # - KTOTrainer leaves image rows raw for its on-the-fly collator; here every split is tokenised once, with its
+    #   images, by `_prepare_dataset`, and the layout (`VisionLanguageLayout`) builds their batches.
+    calculate_KL = precompute_ref_logps = _is_vision_dataset = property(lambda self: False, lambda self, value: None)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         """Validate, expand to `(prompt, completion, reward)` rows and tokenise a split; derived columns in the input
